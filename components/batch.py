@@ -1,0 +1,67 @@
+"""Batch prediction over files and folders, with the registry's champion or a local model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.errors import DataError, TumorScopeError
+from components.imaging import IMAGE_SUFFIXES, list_images, read_slice
+from components.model import Classifier, ModelSpec
+
+BATCH = 64
+
+
+def load_classifier(model: str) -> Classifier:
+    """``champion`` (or any alias) from the MLflow registry, or a folder holding model.pt + model.json."""
+    if Path(model).is_dir():
+        return Classifier.load(Path(model))
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components.config import load_params
+    from components.settings import get_settings
+
+    mlflow.set_tracking_uri(get_settings().tracking_uri)
+    name = load_params().register_.model_name
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, model)
+    except MlflowException:
+        raise TumorScopeError(f"registry: {name} has no alias '{model}' (run the pipeline, or pass --model <folder>)") from None
+    spec = ModelSpec.model_validate(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/tumorscope/model.json"))
+    net = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
+    return Classifier(spec, net.state_dict())
+
+
+def expand(inputs: list[Path]) -> list[Path]:
+    files = []
+    for path in inputs:
+        if path.is_dir():
+            files += list_images(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES and path.exists():
+            files.append(path)
+        else:
+            raise DataError(path, "not an image file (png, jpg, tif) or folder")
+    if not files:
+        raise TumorScopeError("no images found in the given inputs")
+    return files
+
+
+def predict_files(inputs: list[Path], model: str = "champion") -> pd.DataFrame:
+    from rich.progress import track
+
+    classifier = load_classifier(model)
+    files = expand(inputs)
+    classes = classifier.spec.classes
+    parts = []
+    for start in track(range(0, len(files), BATCH), description="predicting"):
+        chunk = files[start : start + BATCH]
+        probabilities = classifier.predict_proba([read_slice(path) for path in chunk])
+        part = pd.DataFrame({"path": [str(p) for p in chunk], "predicted_label": np.asarray(classes)[probabilities.argmax(1)]})
+        part["confidence"] = probabilities.max(1)
+        for index, name in enumerate(classes):
+            part[f"prob_{name}"] = probabilities[:, index]
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)

@@ -1,0 +1,243 @@
+"""``tumorscope``: one command line for the whole platform.
+
+Heavy libraries (torch, monai, mlflow, prefect, evidently, great_expectations)
+are imported inside the commands, so ``tumorscope --help`` answers at once.
+Every command runs in the current workspace (the folder holding dvc.yaml).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from components.errors import TumorScopeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="TumorScope: brain-tumour detection in MRI, from raw slices to a served, monitored model.",
+)
+Workspace = Annotated[Path, typer.Option("--workdir", "-C", help="Workspace with dvc.yaml and params.yaml.")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+def _enter(workdir: Path) -> Path:
+    root = workdir.resolve()
+    if not (root / "dvc.yaml").exists():
+        _fail(f"{root}: no dvc.yaml here; run from the TumorScope workspace or pass --workdir")
+    os.chdir(root)
+    from components.settings import apply_runtime_env
+
+    apply_runtime_env(root)
+    return root
+
+
+def _print_summary(summary: dict, root: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    stages = Table(title="Stages", show_header=True)
+    for column in ("stage", "status", "seconds"):
+        stages.add_column(column)
+    for stage in summary.get("stages", []):
+        stages.add_row(stage["stage"], stage["status"], str(stage["seconds"]))
+    console.print(stages)
+    metrics = Table(title="Test metrics (tumour vs no tumour; accuracy over all classes)")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for name, value in (summary.get("metrics") or {}).items():
+        metrics.add_row(name, f"{value:.4f}" if name != "test_images" else f"{value:.0f}")
+    console.print(metrics)
+    gate, package = summary.get("gate") or {}, summary.get("package") or {}
+    verdict = "[green]promoted to champion[/]" if gate.get("promoted") else "[yellow]refused, champion unchanged[/]"
+    console.print(f"Gate: {gate.get('model_name')} version {gate.get('candidate_version')} {verdict}")
+    for reason in gate.get("reasons", []):
+        console.print(f"  - {reason}")
+    console.print(
+        f"Serving: bento [bold]{package.get('bento')}[/] with {package.get('registered_model')} version {package.get('model_version')}"
+    )
+    console.print(f"Reports: {root / 'reports'} (validation Data Docs: reports/validation/gx/uncommitted/data_docs/local_site/index.html)")
+    console.print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'} --host 127.0.0.1")
+
+
+def _point_params_at(data: Path, model_name: str | None) -> None:
+    """Write the data source (and a registered-model name for it) into params.yaml, keeping its comments."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    params_file = Path("params.yaml")
+    params = yaml.load(params_file.read_text())
+    source = data.resolve()
+    if not source.is_dir():
+        _fail(f"{data}: not a folder")
+    params["ingest"]["source"] = str(source)
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{source.parent.name}-{source.name}".lower()).strip("-")
+    params["register"]["model_name"] = model_name or f"tumorscope-{slug}"
+    with params_file.open("w") as handle:
+        yaml.dump(params, handle)
+    typer.echo(f"params.yaml: ingest.source = {source}; register.model_name = {params['register']['model_name']}")
+
+
+@app.command()
+def run(
+    data: Annotated[
+        Path | None, typer.Option(help="A folder of class folders to train on instead of the synthetic cohort (written into params.yaml).")
+    ] = None,
+    model_name: Annotated[str | None, typer.Option(help="Registered model name for --data (default: from the folder name).")] = None,
+    force_from: Annotated[str | None, typer.Option(help="Rerun this stage and all later ones even if up to date.")] = None,
+    workdir: Workspace = Path("."),
+) -> None:
+    """Run the whole training pipeline as a Prefect flow over the DVC stages.
+
+    Reads params.yaml and the data source; writes data/, models/, reports/, the MLflow
+    store (mlflow.db, mlartifacts/) and a built bento (.bentoml/), then prints a summary.
+    """
+    root = _enter(workdir)
+    if data is not None:
+        _point_params_at(data, model_name)
+    from flows.training import training
+
+    try:
+        summary = training(workdir=str(root), force_from=force_from)
+    except TumorScopeError as exc:
+        _fail(str(exc))
+    _print_summary(summary, root)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="synth, ingest, validate, split, train, evaluate, register or package.")],
+    workdir: Workspace = Path("."),
+) -> None:
+    """Run one DVC stage (and nothing else) with `dvc repro --single-item`; reads and writes what dvc.yaml says."""
+    import subprocess
+
+    root = _enter(workdir)
+    from flows.training import STAGES, stage_env
+
+    if name not in STAGES:
+        _fail(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+    code = subprocess.call([sys.executable, "-m", "dvc", "repro", "--single-item", name], env=stage_env(root))
+    raise typer.Exit(code)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder to write <label>/*.png, masks/ and metadata.csv into.")] = Path("data/synth-extra"),
+    subjects: Annotated[int, typer.Option(min=4)] = 100,
+    shift: Annotated[str, typer.Option(help="none, scanner, prevalence or lesion_size.")] = "none",
+    seed: int = 7,
+    image_size: int = 128,
+) -> None:
+    """Generate a synthetic cohort (e.g. drifted traffic for monitoring); reads nothing, writes OUT."""
+    from components.config import SynthConfig
+    from components.synth import run as generate
+
+    try:
+        config = SynthConfig(out=out, subjects=subjects, shift=shift, seed=seed, image_size=image_size)
+    except ValueError as exc:
+        _fail(str(exc))
+    metadata = generate(config, progress=True)
+    typer.echo(f"wrote {len(metadata)} slices to {out}")
+
+
+@app.command()
+def ingest(
+    source: Annotated[Path, typer.Option(help="Folder of class folders (<root>/<label>/*.png|jpg|tif).")],
+    out: Annotated[Path, typer.Option(help="Manifest CSV to write.")] = Path("data/manifest-adhoc.csv"),
+) -> None:
+    """Ingest a folder outside the pipeline: reads SOURCE, writes the manifest and quarantine list next to OUT."""
+    from components.config import IngestConfig
+    from components.ingest import run as ingest_folder
+    from components.settings import apply_runtime_env
+
+    apply_runtime_env()
+    try:
+        ingest_folder(IngestConfig(source=source, out=out), progress=True)
+    except TumorScopeError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
+    model: Annotated[str, typer.Option(help="'champion' (registry alias) or a folder with model.pt + model.json.")] = "champion",
+    workdir: Workspace = Path("."),
+) -> None:
+    """Batch prediction: reads images and the model; writes path, predicted_label, confidence, prob_<class>."""
+    from components.batch import predict_files
+
+    files = [path.resolve() for path in inputs]
+    _enter(workdir)
+    try:
+        frame = predict_files(files, model)
+    except TumorScopeError as exc:
+        _fail(str(exc))
+    frame.to_csv(out if out.is_absolute() else Path.cwd() / out, index=False)
+    typer.echo(f"wrote {len(frame)} predictions to {out}")
+
+
+@app.command()
+def serve(
+    port: int = 3000,
+    bento: Annotated[str | None, typer.Option(help="Bento tag (default: the one the last run packaged).")] = None,
+    workdir: Workspace = Path("."),
+) -> None:
+    """Serve the packaged champion with `bentoml serve` on 127.0.0.1; predictions go to data/predictions.sqlite."""
+    import json
+    import shutil
+
+    root = _enter(workdir)
+    package = root / "reports" / "package.json"
+    if bento is None and not package.exists():
+        _fail("no packaged bento yet: run `tumorscope run` first")
+    tag = bento or json.loads(package.read_text())["bento"]
+    os.environ.setdefault("TUMORSCOPE_PREDICTION_LOG", str(root / "data" / "predictions.sqlite"))
+    executable = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
+    os.execv(executable, [executable, "serve", tag, "--host", "127.0.0.1", "--port", str(port)])
+
+
+@app.command()
+def monitor(
+    retrain: Annotated[bool, typer.Option(help="Start the training flow when drift is detected.")] = True,
+    workdir: Workspace = Path("."),
+) -> None:
+    """Run the monitoring flow once: reads the prediction log and data/reference.csv, writes reports/monitoring/."""
+    root = _enter(workdir)
+    os.environ.setdefault("TUMORSCOPE_PREDICTION_LOG", str(root / "data" / "predictions.sqlite"))
+    from flows.monitoring import monitoring
+
+    try:
+        decision = monitoring(workdir=str(root), retrain=retrain)
+    except TumorScopeError as exc:
+        _fail(str(exc))
+    typer.echo(("retrained: " if decision["retrained"] else "no retraining: ") + "; ".join(decision["reasons"]))
+    typer.echo(f"report: {decision.get('report_html') or '(none)'}")
+
+
+@app.command()
+def retrain(workdir: Workspace = Path(".")) -> None:
+    """Run the training flow from the train stage on, even if DVC thinks it current; the gate decides on promotion."""
+    root = _enter(workdir)
+    from flows.training import training
+
+    try:
+        summary = training(workdir=str(root), force_from="train")
+    except TumorScopeError as exc:
+        _fail(str(exc))
+    _print_summary(summary, root)
+
+
+if __name__ == "__main__":
+    app()

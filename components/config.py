@@ -1,0 +1,146 @@
+"""params.yaml, read into one typed model per stage.
+
+params.yaml stays the single source of truth (DVC tracks it); these models only
+check it, so a typo fails at once with the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import TumorScopeError
+
+PARAMS_FILE = Path("params.yaml")
+NO_TUMOUR = "notumor"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthConfig(Section):
+    out: Path = Path("data/synth")
+    subjects: int = Field(400, ge=4)
+    slices_per_subject: int = Field(2, ge=1, le=8)
+    image_size: int = Field(128, ge=32, le=512)
+    prevalence: float = Field(0.5, gt=0, lt=1)
+    shift: Literal["none", "scanner", "prevalence", "lesion_size"] = "none"
+    seed: int = 42
+
+
+class IngestConfig(Section):
+    source: Path = Path("data/synth")
+    format: Literal["auto", "folders"] = "auto"
+    out: Path = Path("data/manifest.csv")
+    duplicate_correlation: float = Field(0.97, gt=0, le=1)
+
+
+class ValidateConfig(Section):
+    manifest: Path = Path("data/manifest.csv")
+    report_dir: Path = Path("reports/validation")
+    min_images: int = Field(20, ge=1)
+    min_class_fraction: float = Field(0.05, ge=0, lt=1)
+    min_image_side: int = Field(32, ge=1)
+    max_unreadable_fraction: float = Field(0.0, ge=0, le=1)
+
+
+class SplitConfig(Section):
+    manifest: Path = Path("data/manifest.csv")
+    out: Path = Path("data/split.csv")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    seed: int = 42
+
+
+class TrainConfig(Section):
+    split: Path = Path("data/split.csv")
+    out_dir: Path = Path("models")
+    network: Literal["resnet", "densenet121"] = "resnet"
+    image_size: int = Field(96, ge=32, le=512)
+    channels: list[int] = [16, 32, 64, 128]
+    blocks: list[int] = [1, 1, 1, 1]
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    patience: int = Field(4, ge=1)
+    augment: bool = True
+    devices: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+    threads: int = Field(2, ge=1)
+    seed: int = 42
+    experiment: str = "tumorscope"
+
+    @model_validator(mode="after")
+    def _stages_match(self) -> TrainConfig:
+        if len(self.channels) != 4 or len(self.blocks) != 4:
+            raise ValueError(f"channels and blocks need one entry per ResNet stage (4), got {len(self.channels)} and {len(self.blocks)}")
+        return self
+
+
+class EvaluateConfig(Section):
+    split: Path = Path("data/split.csv")
+    model_dir: Path = Path("models")
+    report_dir: Path = Path("reports")
+
+
+class RegisterConfig(Section):
+    model_name: str = Field("tumorscope-synth", pattern=r"^[A-Za-z0-9_.-]+$")
+    min_accuracy: float = Field(0.8, ge=0, le=1)
+    min_sensitivity: float = Field(0.8, ge=0, le=1)
+    min_specificity: float = Field(0.8, ge=0, le=1)
+    min_auc: float = Field(0.85, ge=0, le=1)
+    tolerance: float = Field(0.005, ge=0, le=1)
+
+
+class PackageConfig(Section):
+    bento_model: str = Field("tumorscope-classifier", pattern=r"^[a-z0-9_.-]+$")
+
+
+class MonitorConfig(Section):
+    reference: Path = Path("data/reference.csv")
+    report_dir: Path = Path("reports/monitoring")
+    window: int = Field(1000, ge=1)
+    min_samples: int = Field(30, ge=1)
+    drift_share: float = Field(0.5, gt=0, le=1)
+
+
+class Params(Section):
+    synth: SynthConfig = SynthConfig()
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    package: PackageConfig = PackageConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+
+def _describe(error: ValidationError, path: Path, raw: dict) -> str:
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"])
+        value = problem.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"{path}: {key}{shown}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and check params.yaml; a missing file or a bad value is a TumorScopeError."""
+    if not path.exists():
+        raise TumorScopeError(f"{path}: not found (run from the workspace that holds dvc.yaml and params.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TumorScopeError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise TumorScopeError(_describe(exc, path, raw)) from None

@@ -1,0 +1,130 @@
+"""Evaluate: the trained model on the untouched test split.
+
+Writes DVC metrics (``reports/metrics.json``) and plots (ROC curve, confusion
+pairs), logs the same numbers and files to the training MLflow run, and writes
+the monitoring reference: image statistics and predictions of held-out images,
+in exactly the columns the endpoint records.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, roc_auc_score, roc_curve
+
+from components.config import EvaluateConfig, load_params
+from components.errors import DataError
+from components.imaging import read_slice, slice_stats
+from components.model import Classifier, ModelSpec, tumour_probability
+from components.settings import get_settings
+
+REFERENCE_FILE = Path("data/reference.csv")
+
+
+def binary_metrics(is_tumour: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Tumour-vs-no-tumour metrics at a threshold on P(tumour)."""
+    predicted = score >= threshold
+    tn, fp, fn, tp = confusion_matrix(is_tumour, predicted, labels=[False, True]).ravel()
+    both_classes = 0 < is_tumour.sum() < len(is_tumour)
+    return {
+        "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "precision": float(precision_score(is_tumour, predicted, zero_division=0)),
+        "f1": float(f1_score(is_tumour, predicted, zero_division=0)),
+        "roc_auc": float(roc_auc_score(is_tumour, score)) if both_classes else float("nan"),
+    }
+
+
+def score_images(classifier: Classifier, paths: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
+    """Class probabilities and raw-image statistics for each file."""
+    images = [read_slice(path) for path in paths]
+    return classifier.predict_proba(images), pd.DataFrame([slice_stats(image) for image in images])
+
+
+def metrics_for(spec: ModelSpec, labels: pd.Series, probabilities: np.ndarray) -> dict[str, float]:
+    predicted = np.asarray(spec.classes)[probabilities.argmax(1)]
+    is_tumour = (labels != spec.classes[spec.tumour_free_index]).to_numpy()
+    return {"accuracy": float(accuracy_score(labels, predicted)), **binary_metrics(is_tumour, tumour_probability(probabilities, spec))}
+
+
+def reference_table(spec: ModelSpec, stats: pd.DataFrame, probabilities: np.ndarray) -> pd.DataFrame:
+    """The monitoring baseline, in the endpoint's record columns."""
+    return stats.assign(
+        predicted_label=np.asarray(spec.classes)[probabilities.argmax(1)],
+        confidence=probabilities.max(1),
+        tumour_probability=tumour_probability(probabilities, spec),
+    )
+
+
+def _write_plots(report_dir: Path, spec: ModelSpec, labels: pd.Series, probabilities: np.ndarray) -> list[Path]:
+    is_tumour = labels != spec.classes[spec.tumour_free_index]
+    fpr, tpr, _ = roc_curve(is_tumour, tumour_probability(probabilities, spec))
+    roc = report_dir / "roc.csv"
+    pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(roc, index=False)
+    confusion = report_dir / "confusion.csv"
+    pd.DataFrame({"actual": labels.to_numpy(), "predicted": np.asarray(spec.classes)[probabilities.argmax(1)]}).to_csv(
+        confusion, index=False
+    )
+    return [roc, confusion, _roc_png(report_dir, fpr, tpr)]
+
+
+def _roc_png(report_dir: Path, fpr: np.ndarray, tpr: np.ndarray) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4, 4))
+    axis.plot(fpr, tpr, label="model")
+    axis.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    axis.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC, tumour vs no tumour (test split)")
+    axis.legend(loc="lower right")
+    path = report_dir / "roc.png"
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _log_to_mlflow(run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(get_settings().tracking_uri)
+    for name, value in metrics.items():
+        if np.isfinite(value):
+            client.log_metric(run_id, f"test_{name}", value)
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path="evaluation")
+
+
+def run(config: EvaluateConfig) -> dict[str, float]:
+    if not config.split.exists():
+        raise DataError(config.split, "split not found: run the split stage first")
+    split = pd.read_csv(config.split)
+    test = split[split["split"] == "test"]
+    classifier = Classifier.load(config.model_dir)
+    probabilities, stats = score_images(classifier, test["path"].tolist())
+    metrics = metrics_for(classifier.spec, test["label"], probabilities)
+    metrics["test_images"] = float(len(test))
+    config.report_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = config.report_dir / "metrics.json"
+    metrics_file.write_text(json.dumps(metrics, indent=2))
+    plots = _write_plots(config.report_dir, classifier.spec, test["label"], probabilities)
+    REFERENCE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    reference_table(classifier.spec, stats, probabilities).to_csv(REFERENCE_FILE, index=False)
+    run_id = json.loads((config.model_dir / "model.json").read_text())["run_id"]
+    _log_to_mlflow(run_id, metrics, [metrics_file, *plots])
+    print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def main() -> None:
+    from components.stage import run_stage
+
+    run_stage(lambda: run(load_params().evaluate))
+
+
+if __name__ == "__main__":
+    main()

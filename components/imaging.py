@@ -1,0 +1,78 @@
+"""Reading slices and turning them into model input, shared by training and serving.
+
+Training and the endpoint call the very same functions, so a served image is
+prepared exactly as the images the model learnt from.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from components.errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+STAT_COLUMNS = ("width", "height", "mean", "std", "p01", "p50", "p99", "foreground")
+
+
+def read_slice(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """A 2D grayscale slice scaled to [0, 1]; colour images are averaged over channels.
+
+    ``source`` is a path or the raw bytes of an upload; ``name`` names it in errors.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "upload")
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else source
+        with Image.open(handle) as image:
+            image.load()
+            array = np.asarray(image)
+    except FileNotFoundError:
+        raise DataError(label, "file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(label, f"not a readable image ({exc.__class__.__name__})") from None
+    return _to_unit_gray(array, label)
+
+
+def _to_unit_gray(array: np.ndarray, label: str) -> np.ndarray:
+    if array.ndim == 3:
+        array = array[..., :3].mean(axis=-1)
+    if array.ndim != 2 or min(array.shape) < 2:
+        raise DataError(label, f"expected a 2D image, got shape {array.shape}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise DataError(label, "image holds NaN or infinite values")
+    top = 255.0 if array.max() <= 255 else float(np.iinfo(np.uint16).max)
+    return np.clip(array / top, 0.0, 1.0)
+
+
+def slice_stats(image: np.ndarray) -> dict[str, float]:
+    """Raw-intensity statistics: what QC gates and drift monitoring compare."""
+    p01, p50, p99 = np.percentile(image, [1, 50, 99])
+    return {
+        "width": float(image.shape[1]),
+        "height": float(image.shape[0]),
+        "mean": float(image.mean()),
+        "std": float(image.std()),
+        "p01": float(p01),
+        "p50": float(p50),
+        "p99": float(p99),
+        "foreground": float((image > 0.05).mean()),
+    }
+
+
+def prepare(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to ``size``² and normalise per image (robust percentiles), so scanner gain does not matter."""
+    from skimage.transform import resize
+
+    resized = resize(image, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+    low, high = np.percentile(resized, [0.5, 99.5])
+    if high - low < 1e-6:
+        return np.zeros_like(resized)
+    return np.clip((resized - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

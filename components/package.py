@@ -1,0 +1,64 @@
+"""Package: the registry's champion, built into a Bento with the serving code.
+
+The Bento model holds the champion's weights and spec, labelled with its
+registered name and version, so a built Bento answers with the version it serves
+even when no MLflow store is reachable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from components.config import PackageConfig, load_params
+from components.errors import TumorScopeError
+from components.register import CHAMPION
+from components.settings import get_settings
+
+BENTOFILE, PACKAGE_FILE = Path("serving/bentofile.yaml"), Path("reports/package.json")
+
+
+def save_champion(config: PackageConfig, model_name: str) -> dict:
+    """Copy the champion from MLflow into the BentoML model store."""
+    import bentoml
+    import mlflow
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(get_settings().tracking_uri)
+    try:
+        champion = mlflow.MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        raise TumorScopeError(f"registry: {model_name} has no '{CHAMPION}' yet: no model has passed the gate") from None
+    spec = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/tumorscope/model.json")
+    net = mlflow.pytorch.load_model(f"models:/{model_name}/{champion.version}", map_location="cpu")
+    identity = {"registered_model": model_name, "model_version": str(champion.version), "run_id": champion.run_id}
+    with bentoml.models.create(config.bento_model, labels=identity, metadata={"classes": spec["classes"]}) as model:
+        torch.save(net.state_dict(), model.path_of("model.pt"))
+        Path(model.path_of("model.json")).write_text(json.dumps({**spec, **identity}, indent=2))
+    return {**identity, "bento_model": str(model.tag)}
+
+
+def run(config: PackageConfig, model_name: str) -> dict:
+    import bentoml
+
+    if not BENTOFILE.exists():
+        raise TumorScopeError(f"{BENTOFILE}: not found; run from the project workspace")
+    packaged = save_champion(config, model_name)
+    bento = bentoml.bentos.build_bentofile(str(BENTOFILE), build_ctx=".", labels={"model_version": packaged["model_version"]})
+    packaged["bento"] = str(bento.tag)
+    PACKAGE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    PACKAGE_FILE.write_text(json.dumps(packaged, indent=2))
+    print(f"packaged {model_name} version {packaged['model_version']} as bento {bento.tag}")
+    return packaged
+
+
+def main() -> None:
+    from components.stage import run_stage
+
+    params = load_params()
+    run_stage(lambda: run(params.package, params.register_.model_name))
+
+
+if __name__ == "__main__":
+    main()

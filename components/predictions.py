@@ -1,0 +1,56 @@
+"""The prediction log: every served prediction, without identifiers, for monitoring.
+
+SQLite by default (one file, safe for the endpoint's threads through short-lived
+connections). A record holds what drift monitoring compares with the training
+reference: raw-image statistics and the model's output, never a file name.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pandas as pd
+
+from components.imaging import STAT_COLUMNS
+
+COLUMNS = {
+    "prediction_id": "TEXT PRIMARY KEY",
+    "time": "TEXT",
+    "model_name": "TEXT",
+    "model_version": "TEXT",
+    "input_sha256": "TEXT",
+    "predicted_label": "TEXT",
+    "confidence": "REAL",
+    "tumour_probability": "REAL",
+    "probabilities": "TEXT",
+    "needs_review": "INTEGER",
+    "latency_ms": "REAL",
+    **{name: "REAL" for name in STAT_COLUMNS},
+    "feedback_label": "TEXT",
+}
+
+
+class PredictionLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as db, db:
+            db.execute(f"CREATE TABLE IF NOT EXISTS predictions ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def append(self, record: dict) -> None:
+        row = {name: record.get(name) for name in COLUMNS}
+        row["probabilities"] = json.dumps(record.get("probabilities", {}))
+        with closing(self._connect()) as db, db:
+            db.execute(f"INSERT INTO predictions VALUES ({', '.join('?' * len(row))})", list(row.values()))
+
+    def recent(self, limit: int) -> pd.DataFrame:
+        """The newest ``limit`` records, oldest first."""
+        with closing(self._connect()) as db:
+            frame = pd.read_sql_query("SELECT * FROM predictions ORDER BY time DESC LIMIT ?", db, params=(limit,))
+        return frame.iloc[::-1].reset_index(drop=True)

@@ -1,0 +1,146 @@
+"""Register: the gate between a trained model and the ``champion`` alias.
+
+Every candidate becomes a registered version (alias ``challenger``, tag
+``gate=passed|refused``). The ``champion`` alias moves to it only if it meets
+every threshold in params.yaml *and* is not worse than the current champion
+re-scored on the same test images. Each decision, with its reasons, is written to
+``reports/gate.json`` and appended to a promotion log, since MLflow keeps no
+history of alias moves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from components.config import RegisterConfig, load_params
+from components.errors import TumorScopeError
+from components.settings import get_settings
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+COMPARED = ("accuracy", "roc_auc")
+METRICS_FILE, GATE_FILE, MODEL_SPEC = Path("reports/metrics.json"), Path("reports/gate.json"), Path("models/model.json")
+
+
+@dataclass
+class GateDecision:
+    promoted: bool
+    reasons: list[str] = field(default_factory=list)
+    candidate_version: str = ""
+    champion_version: str = ""
+    champion_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def threshold_failures(metrics: dict[str, float], config: RegisterConfig) -> list[str]:
+    """Which absolute thresholds the candidate misses (NaN counts as a miss)."""
+    required = {
+        "accuracy": config.min_accuracy,
+        "sensitivity": config.min_sensitivity,
+        "specificity": config.min_specificity,
+        "roc_auc": config.min_auc,
+    }
+    return [
+        f"{name} {metrics.get(name, float('nan')):.4f} is below the required {minimum}"
+        for name, minimum in required.items()
+        if not metrics.get(name, float("nan")) >= minimum
+    ]
+
+
+def comparison_failures(candidate: dict[str, float], champion: dict[str, float], tolerance: float) -> list[str]:
+    """Where the candidate is worse than the champion on the same images, beyond the tolerance."""
+    return [
+        f"{name} {candidate[name]:.4f} is worse than the champion's {champion[name]:.4f} on the same test images"
+        for name in COMPARED
+        if candidate[name] < champion[name] - tolerance
+    ]
+
+
+def decide(metrics: dict[str, float], config: RegisterConfig, champion_metrics: dict[str, float] | None) -> GateDecision:
+    reasons = threshold_failures(metrics, config)
+    if champion_metrics is not None:
+        reasons += comparison_failures(metrics, champion_metrics, config.tolerance)
+    return GateDecision(promoted=not reasons, reasons=reasons or ["meets every threshold and is not worse than the champion"])
+
+
+def _champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def rescore_champion(version, test: pd.DataFrame) -> dict[str, float]:
+    """The champion's metrics on *this* test split, so the comparison is like for like."""
+    import mlflow
+
+    from components.evaluate import metrics_for, score_images
+    from components.model import Classifier, ModelSpec
+
+    spec = ModelSpec.model_validate(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/tumorscope/model.json"))
+    if sorted(spec.classes) != sorted(test["label"].unique()):
+        raise TumorScopeError(
+            f"the champion (version {version.version}) predicts {spec.classes}, this data has {sorted(test['label'].unique())}: "
+            "set register.model_name to a new name for a different task"
+        )
+    net = mlflow.pytorch.load_model(f"models:/{version.name}/{version.version}", map_location="cpu")
+    probabilities, _ = score_images(Classifier(spec, net.state_dict()), test["path"].tolist())
+    return metrics_for(spec, test["label"], probabilities)
+
+
+def run(config: RegisterConfig, split_file: Path = Path("data/split.csv")) -> GateDecision:
+    import mlflow
+
+    settings = get_settings()
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = mlflow.MlflowClient()
+    metrics = json.loads(METRICS_FILE.read_text())
+    trained = json.loads(MODEL_SPEC.read_text())
+    champion = _champion(client, config.model_name)
+    test = pd.read_csv(split_file).query("split == 'test'")
+    champion_metrics = rescore_champion(champion, test) if champion else None
+    decision = decide(metrics, config, champion_metrics)
+    candidate = mlflow.register_model(trained["mlflow_model_uri"], config.model_name)
+    decision.candidate_version = candidate.version
+    client.set_registered_model_alias(config.model_name, CHALLENGER, candidate.version)
+    client.set_model_version_tag(config.model_name, candidate.version, "gate", "passed" if decision.promoted else "refused")
+    client.set_model_version_tag(config.model_name, candidate.version, "data_hash", trained["data_hash"])
+    if champion:
+        decision.champion_version, decision.champion_metrics = champion.version, champion_metrics
+    if decision.promoted:
+        client.set_registered_model_alias(config.model_name, CHAMPION, candidate.version)
+    _record(decision, config, trained)
+    verdict = "promoted to champion" if decision.promoted else "refused; champion unchanged"
+    print(f"gate: {config.model_name} version {candidate.version} {verdict}: " + "; ".join(decision.reasons))
+    return decision
+
+
+def _record(decision: GateDecision, config: RegisterConfig, trained: dict) -> None:
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model_name": config.model_name,
+        "run_id": trained["run_id"],
+        "data_hash": trained["data_hash"],
+        **asdict(decision),
+    }
+    GATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    GATE_FILE.write_text(json.dumps(entry, indent=2))
+    log = get_settings().state_dir / "promotions.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def main() -> None:
+    from components.stage import run_stage
+
+    run_stage(lambda: run(load_params().register_))
+
+
+if __name__ == "__main__":
+    main()

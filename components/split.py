@@ -1,0 +1,84 @@
+"""Split: train/val/test, stratified by label and grouped so nothing leaks.
+
+A group is every image linked by a shared subject or a shared near-duplicate
+group (transitively), so a patient, or two copies of one slice, never sit on
+both sides. The split is a pure function of the manifest and the seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold
+
+from components.config import SplitConfig, load_params
+from components.errors import DataError, TumorScopeError
+
+
+def leakage_groups(manifest: pd.DataFrame) -> np.ndarray:
+    """Connected components of images joined by subject or near-duplicate group."""
+    n = len(manifest)
+    subject_codes = pd.factorize(manifest["subject"])[0]
+    duplicate_codes = pd.factorize(manifest["duplicate_group"])[0] + subject_codes.max() + 1
+    nodes = n + duplicate_codes.max() + 1
+    rows = np.concatenate([np.arange(n), np.arange(n)])
+    cols = np.concatenate([n + subject_codes, n + duplicate_codes])
+    graph = coo_matrix((np.ones(2 * n), (rows, cols)), shape=(nodes, nodes))
+    _, labels = connected_components(graph, directed=False)
+    return pd.factorize(labels[:n])[0]
+
+
+def _hold_out(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A boolean mask of about ``fraction`` of the rows, whole groups, label-stratified."""
+    folds = max(2, round(1 / fraction))
+    if len(np.unique(groups)) < folds:
+        raise TumorScopeError(f"only {len(np.unique(groups))} independent groups: too few to hold out {fraction:.0%}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    _, held = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    return mask
+
+
+def assign(manifest: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
+    groups = leakage_groups(manifest)
+    labels = manifest["label"].to_numpy()
+    split = np.full(len(manifest), "train", dtype=object)
+    test = _hold_out(labels, groups, config.test_fraction, config.seed)
+    split[test] = "test"
+    rest = np.flatnonzero(~test)
+    val = _hold_out(labels[rest], groups[rest], config.val_fraction / (1 - config.test_fraction), config.seed + 1)
+    split[rest[val]] = "val"
+    return manifest.assign(group=groups, split=split)
+
+
+def check_no_leak(assigned: pd.DataFrame) -> None:
+    """Fail loudly if any subject or near-duplicate group spans two splits."""
+    for column in ("subject", "duplicate_group"):
+        spans = assigned.groupby(column)["split"].nunique()
+        if (spans > 1).any():
+            raise TumorScopeError(f"leak: {int((spans > 1).sum())} {column} values span more than one split")
+
+
+def run(config: SplitConfig) -> pd.DataFrame:
+    if not config.manifest.exists():
+        raise DataError(config.manifest, "manifest not found: run the ingest stage first")
+    assigned = assign(pd.read_csv(config.manifest), config)
+    check_no_leak(assigned)
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    assigned.to_csv(config.out, index=False)
+    table = pd.crosstab(assigned["split"], assigned["label"])
+    print(f"split into {assigned['group'].nunique()} leak-free groups:\n{table.to_string()}")
+    return assigned
+
+
+def main() -> None:
+    from components.stage import run_stage
+
+    run_stage(lambda: run(load_params().split))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The thin shell around every ``python -m components.<stage>`` entry."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from components.errors import TumorScopeError
+from components.settings import apply_runtime_env
+
+EXIT_DATA_ERROR = 2
+ERROR_MARK = "tumorscope: error:"
+
+
+def run_stage(work: Callable[[], Any]) -> None:
+    """Run one stage: offline env, quiet logs, and a clear one-line error instead of a traceback.
+
+    Exit code 2 marks an input problem, which retrying cannot fix (the flow reads it).
+    """
+    apply_runtime_env()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    try:
+        work()
+    except TumorScopeError as exc:
+        print(f"{ERROR_MARK} {exc}", file=sys.stderr)
+        sys.exit(EXIT_DATA_ERROR)
+    print(f"done in {time.perf_counter() - started:.1f} s")

@@ -1,0 +1,214 @@
+"""Train: Lightning fits a MONAI network on the train split, early-stopped on val.
+
+One MLflow run per job (only global rank 0 creates and logs it, also under DDP):
+params, the data hash, per-epoch metrics, the best weights as an MLflow PyTorch
+model, and the model spec. ``models/`` receives ``model.pt`` + ``model.json``
+for the later stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.config import TrainConfig, load_params
+from components.errors import DataError
+from components.model import Classifier, ModelSpec, build_network
+from components.settings import get_settings
+
+MLFLOW_REQUIREMENTS = ["torch==2.13.0", "monai==1.6.1", "numpy<3"]
+
+
+def is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.ndarray):
+    import lightning as L
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    class SliceClassifier(L.LightningModule):
+        """Cross-entropy with class weights; val AUC on P(tumour), the score the gate uses."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_network(spec).to(memory_format=torch.channels_last)
+            self.loss = torch.nn.CrossEntropyLoss(
+                weight=torch.tensor(class_weights, dtype=torch.float32), label_smoothing=config.label_smoothing
+            )
+            self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def forward(self, x):
+            return self.net(x.contiguous(memory_format=torch.channels_last))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            loss = self.loss(self(x), y)
+            self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+            return loss
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            logits = self(x)
+            self.log("val_loss", self.loss(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+            self._val_outputs.append((torch.softmax(logits, 1).detach(), y))
+
+        def on_validation_epoch_end(self):
+            probs = torch.cat([p for p, _ in self._val_outputs]).cpu().numpy()
+            labels = torch.cat([y for _, y in self._val_outputs]).cpu().numpy()
+            self._val_outputs.clear()
+            self.log("val_accuracy", float((probs.argmax(1) == labels).mean()), sync_dist=True)
+            is_tumour = labels != spec.tumour_free_index
+            if 0 < is_tumour.sum() < len(labels):
+                self.log("val_auc", float(roc_auc_score(is_tumour, 1 - probs[:, spec.tumour_free_index])), sync_dist=True)
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=config.learning_rate, total_steps=self.trainer.estimated_stepping_batches
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    return SliceClassifier()
+
+
+def _loaders(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
+    from torch.utils.data import DataLoader
+
+    from components.dataset import SliceDataset, augmentations, prepared_images
+
+    index = {label: i for i, label in enumerate(classes)}
+    loaders = []
+    for part, shuffle in (("train", True), ("val", False)):
+        rows = split[split["split"] == part]
+        if rows.empty:
+            raise DataError(config.split, f"the {part} split is empty")
+        transform = augmentations() if shuffle and config.augment else None
+        dataset = SliceDataset(prepared_images(rows, config.image_size), rows["label"].map(index).to_numpy(), transform)
+        loaders.append(DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, num_workers=0, drop_last=False))
+    return loaders
+
+
+def _class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
+    counts = labels.value_counts().reindex(classes).to_numpy(dtype=float)
+    return (counts.sum() / (len(classes) * counts)).astype(np.float32)
+
+
+class _EpochPrinter:
+    """One line per epoch, so DVC and Prefect logs show progress without a TTY."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class Printer(L.Callback):
+            def on_validation_epoch_end(self, trainer, module):
+                if trainer.sanity_checking or not trainer.is_global_zero:
+                    return
+                shown = {k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items()}
+                print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown}", flush=True)
+
+        return Printer()
+
+
+def _trainer(config: TrainConfig, logger):
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(dirpath=config.out_dir / "checkpoints", monitor="val_loss", mode="min", save_last=True)
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator="auto",
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy="ddp" if config.devices * config.num_nodes > 1 else "auto",
+        precision="16-mixed" if _has_cuda() else "32-true",
+        logger=logger,
+        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience), _EpochPrinter()],
+        enable_progress_bar=sys.stdout.isatty(),
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        deterministic=False,
+    )
+    return trainer, checkpoint
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str):
+    import mlflow
+
+    settings = get_settings()
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    if mlflow.get_experiment_by_name(config.experiment) is None and settings.tracking_uri.startswith("sqlite"):
+        mlflow.create_experiment(config.experiment, artifact_location=settings.artifact_root)
+    mlflow.set_experiment(config.experiment)
+    run = mlflow.start_run(run_name=f"train-{spec.network}-{spec.image_size}px")
+    params = config.model_dump(mode="json", exclude={"split", "out_dir", "experiment"})
+    mlflow.log_params({**params, "classes": ",".join(spec.classes), "data_hash": data_hash})
+    return run
+
+
+def run(config: TrainConfig) -> dict:
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if not config.split.exists():
+        raise DataError(config.split, "split not found: run the split stage first")
+    torch.set_num_threads(config.threads)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    split = pd.read_csv(config.split)
+    classes = sorted(split["label"].unique())
+    spec = ModelSpec(network=config.network, image_size=config.image_size, channels=config.channels, blocks=config.blocks, classes=classes)
+    train_loader, val_loader = _loaders(split, config, classes)
+    module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
+    data_hash = file_hash(config.split)
+    mlflow_run = _start_mlflow_run(config, spec, data_hash) if is_global_zero() else None
+    logger = MLFlowLogger(tracking_uri=get_settings().tracking_uri, run_id=mlflow_run.info.run_id) if mlflow_run else False
+    trainer, checkpoint = _trainer(config, logger)
+    trainer.fit(module, train_loader, val_loader)
+    if not trainer.is_global_zero:
+        return {}
+    best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(best["state_dict"])
+    classifier = Classifier(spec, module.net.state_dict())
+    return _publish(classifier, config, mlflow_run, data_hash, trainer.current_epoch)
+
+
+def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash: str, epochs: int) -> dict:
+    """Save weights + spec for the next stages and the same model to MLflow."""
+    import mlflow
+
+    run_id = mlflow_run.info.run_id
+    info = mlflow.pytorch.log_model(classifier.net, name="model", serialization_format="pickle", pip_requirements=MLFLOW_REQUIREMENTS)
+    mlflow.log_dict(classifier.spec.model_dump(), "tumorscope/model.json")
+    mlflow.log_metric("epochs_trained", epochs)
+    mlflow.end_run()
+    extra = {"run_id": run_id, "mlflow_model_uri": info.model_uri, "data_hash": data_hash}
+    classifier.save(config.out_dir, extra)
+    print(f"trained {epochs} epochs; MLflow run {run_id}")
+    return extra
+
+
+def main() -> None:
+    from components.stage import run_stage
+
+    run_stage(lambda: run(load_params().train))
+
+
+if __name__ == "__main__":
+    main()

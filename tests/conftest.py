@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny deterministic data for unit tests, real data where it exists."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT.parent / "shared" / "data"
+
+os.environ.setdefault("TUMORSCOPE_PSEUDONYM_KEY", "test-key-not-secret")
+from components.settings import apply_runtime_env  # noqa: E402
+
+apply_runtime_env(PROJECT)
+
+
+def shared_data(relative: str) -> Path:
+    """A real data set under ../shared/data, or a skip that says why."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (only on the development machine)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """16 synthetic subjects × 2 slices at 64 px: both classes, masks, metadata."""
+    from components.config import SynthConfig
+    from components.synth import run
+
+    out = tmp_path_factory.mktemp("cohort") / "synth"
+    run(SynthConfig(out=out, subjects=16, slices_per_subject=2, image_size=64, seed=3))
+    return out
+
+
+def make_workspace(target: Path, params: dict | None = None) -> Path:
+    """A copy of the project's tracked files as a fresh git + DVC workspace, with params overridden."""
+    import yaml
+
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        source = PROJECT / name
+        if source.is_file() and not name.startswith(("tests/", "bench/", "infra/")):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    merged = yaml.safe_load((target / "params.yaml").read_text())
+    for section, values in (params or {}).items():
+        merged[section].update(values)
+    (target / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=target, check=True)
+    return target

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+
+from components.config import Params, load_params
+from components.errors import TumorScopeError
+from tests.conftest import PROJECT
+
+
+def test_project_params_load_into_typed_sections():
+    params = load_params(PROJECT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.train.epochs >= 1
+    assert params.register_.model_name
+
+
+def test_bad_value_names_key_value_and_expectation(tmp_path: Path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text((PROJECT / "params.yaml").read_text().replace("epochs: ", "epochs: many #", 1))
+    with pytest.raises(TumorScopeError) as error:
+        load_params(bad)
+    message = str(error.value)
+    assert "train.epochs" in message and "'many'" in message and "integer" in message
+
+
+def test_unknown_key_is_refused(tmp_path: Path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(TumorScopeError, match="train.epochz"):
+        load_params(bad)
+
+
+def test_missing_params_file_says_where(tmp_path: Path):
+    with pytest.raises(TumorScopeError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_mismatched_network_stages_are_refused(tmp_path: Path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  channels: [8, 16]\n  blocks: [1, 1, 1]\n")
+    with pytest.raises(TumorScopeError, match="4"):
+        load_params(bad)

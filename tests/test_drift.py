@@ -1,0 +1,25 @@
+import numpy as np
+import pandas as pd
+
+from components.drift import DriftDetector
+
+
+def _frame(rng, n: int, shift: float = 0.0) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "a": rng.normal(shift, 1, n),
+            "b": rng.normal(2 * shift, 1, n),
+            "c": rng.normal(0, 1, n),
+            "label": rng.choice(["x", "y"], n),
+        }
+    )
+
+
+def test_shifted_columns_are_found_and_unshifted_data_is_quiet():
+    rng = np.random.default_rng(0)
+    detector = DriftDetector(["a", "b", "c"], ["label"], drift_share=0.5).fit(_frame(rng, 300))
+    same = detector.score(_frame(rng, 200))
+    moved = detector.score(_frame(rng, 200, shift=1.0))
+    assert same.drifted_share < 0.5
+    assert set(moved.drifted_columns) >= {"a", "b"} and moved.drifted_share >= 0.5
+    assert moved.p_values["a"] < 0.05 < same.p_values["c"]

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.errors import DataError
+from components.imaging import prepare, read_slice, slice_stats
+
+
+def test_reads_png_and_rgb_jpeg_as_unit_gray(tmp_path: Path):
+    gray = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(tmp_path / "c.jpg", quality=95)
+    png, jpg = read_slice(tmp_path / "g.png"), read_slice(tmp_path / "c.jpg")
+    assert png.shape == jpg.shape == (64, 64)
+    assert png.min() == 0 and png.max() == pytest.approx(252 / 255)
+    assert np.abs(png - jpg).mean() < 0.02
+
+
+def test_corrupt_file_error_names_the_file(tmp_path: Path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(DataError) as error:
+        read_slice(broken)
+    assert str(broken) in str(error.value) and "not a readable image" in str(error.value)
+
+
+def test_missing_file_error(tmp_path: Path):
+    with pytest.raises(DataError, match="file not found"):
+        read_slice(tmp_path / "nope.png")
+
+
+def test_prepare_resizes_and_is_gain_invariant():
+    rng = np.random.default_rng(0)
+    image = rng.random((100, 80)).astype(np.float32) * 0.5
+    a, b = prepare(image, 32), prepare(image * 1.7, 32)
+    assert a.shape == (32, 32) and a.dtype == np.float32
+    assert 0.0 <= a.min() and a.max() <= 1.0
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_stats_are_raw_intensity():
+    image = np.full((10, 20), 0.25, dtype=np.float32)
+    stats = slice_stats(image)
+    assert stats["width"] == 20 and stats["height"] == 10
+    assert stats["mean"] == pytest.approx(0.25) and stats["std"] == pytest.approx(0.0)

@@ -1,0 +1,55 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from components.config import IngestConfig
+from components.errors import DataError
+from components.ingest import run
+
+
+def _slice(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(path)
+
+
+def test_kaggle_layout_with_training_and_testing(tmp_path: Path):
+    root = tmp_path / "kaggle"
+    for i, (split, label) in enumerate([("Training", "glioma"), ("Training", "notumor"), ("Testing", "glioma"), ("Testing", "notumor")]):
+        _slice(root / split / label / f"img{i}.jpg", i)
+    result = run(IngestConfig(source=root, out=tmp_path / "manifest.csv"))
+    manifest = result.manifest
+    assert sorted(manifest["label"]) == ["glioma", "glioma", "notumor", "notumor"]
+    assert sorted(manifest["source_split"]) == ["test", "test", "train", "train"]
+    assert manifest["image_id"].is_unique and manifest["duplicate_group"].nunique() == 4
+
+
+def test_metadata_is_joined_and_subject_ids_are_pseudonymised(tiny_cohort: Path, tmp_path: Path):
+    manifest = run(IngestConfig(source=tiny_cohort, out=tmp_path / "m.csv")).manifest
+    metadata = pd.read_csv(tiny_cohort / "metadata.csv")
+    assert manifest["subject"].nunique() == metadata["subject_id"].nunique()
+    assert manifest["age"].notna().all() and set(manifest["sex"]) <= {"F", "M"}
+    written = (tmp_path / "m.csv").read_text()
+    for original in metadata["subject_id"]:
+        assert original not in written
+    assert all(manifest.groupby("subject")["age"].nunique() == 1)
+
+
+def test_unreadable_files_are_quarantined_not_fatal(tiny_cohort: Path, tmp_path: Path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_cohort, root)
+    (root / "tumor" / "zz-broken.png").write_bytes(b"garbage")
+    result = run(IngestConfig(source=root, out=tmp_path / "m.csv"))
+    assert list(result.quarantined["file"]) == ["tumor/zz-broken.png"]
+    assert "not a readable image" in result.quarantined["problem"].iloc[0]
+    assert len(result.manifest) == len(pd.read_csv(tiny_cohort / "metadata.csv"))
+
+
+def test_folder_without_class_folders_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        run(IngestConfig(source=tmp_path / "empty", out=tmp_path / "m.csv"))

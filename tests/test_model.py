@@ -1,0 +1,27 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.errors import TumorScopeError
+from components.model import Classifier, ModelSpec, build_network
+
+
+def test_save_load_round_trip_predicts_the_same(tmp_path: Path):
+    import torch
+
+    torch.manual_seed(0)
+    spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"])
+    classifier = Classifier(spec, build_network(spec).state_dict())
+    classifier.save(tmp_path, {"run_id": "r1"})
+    loaded = Classifier.load(tmp_path)
+    images = [np.random.default_rng(i).random((50, 40)).astype(np.float32) for i in range(3)]
+    first, second = classifier.predict_proba(images), loaded.predict_proba(images)
+    assert first.shape == (3, 2)
+    np.testing.assert_allclose(first.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(first, second, atol=1e-6)
+
+
+def test_loading_from_an_empty_folder_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(TumorScopeError, match="no trained model"):
+        Classifier.load(tmp_path)
