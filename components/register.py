@@ -106,12 +106,12 @@ def run(config: RegisterConfig, split_file: Path = Path("data/split.csv")) -> Ga
     champion_metrics = rescore_champion(champion, test) if champion else None
     decision = decide(metrics, config, champion_metrics)
     candidate = mlflow.register_model(trained["mlflow_model_uri"], config.model_name)
-    decision.candidate_version = candidate.version
+    decision.candidate_version = str(candidate.version)
     client.set_registered_model_alias(config.model_name, CHALLENGER, candidate.version)
     client.set_model_version_tag(config.model_name, candidate.version, "gate", "passed" if decision.promoted else "refused")
     client.set_model_version_tag(config.model_name, candidate.version, "data_hash", trained["data_hash"])
     if champion:
-        decision.champion_version, decision.champion_metrics = champion.version, champion_metrics
+        decision.champion_version, decision.champion_metrics = str(champion.version), champion_metrics
     if decision.promoted:
         client.set_registered_model_alias(config.model_name, CHAMPION, candidate.version)
     _record(decision, config, trained)

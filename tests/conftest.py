@@ -13,9 +13,20 @@ PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT.parent / "shared" / "data"
 
 os.environ.setdefault("TUMORSCOPE_PSEUDONYM_KEY", "test-key-not-secret")
-from components.settings import apply_runtime_env  # noqa: E402
+from components.settings import OFFLINE_ENV  # noqa: E402
 
-apply_runtime_env(PROJECT)
+os.environ.update(OFFLINE_ENV)
+TOOL_HOMES = ("PREFECT_HOME", "BENTOML_HOME", "MLFLOW_TRACKING_URI", "TUMORSCOPE_PREDICTION_LOG", "PREFECT_API_URL")
+
+
+def workspace_env(root: Path) -> dict[str, str]:
+    """The environment a user has in ``root``: tool homes inside it, the venv on PATH."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in TOOL_HOMES}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["TUMORSCOPE_PREDICTION_LOG"] = str(root / "data" / "predictions.sqlite")
+    return env
 
 
 def shared_data(relative: str) -> Path:

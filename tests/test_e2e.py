@@ -1,0 +1,176 @@
+"""The whole path with the real tools: Prefect flow over `dvc repro`, MLflow registry,
+`bentoml serve` answered over HTTP, Evidently monitoring that retrains on drift."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_workspace, workspace_env
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "synth": {"subjects": 48, "slices_per_subject": 2, "image_size": 64},
+    "train": {"image_size": 48, "epochs": 2, "batch_size": 16, "channels": [8, 16, 32, 32], "patience": 2},
+    "register": {"min_accuracy": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0, "min_auc": 0.0, "tolerance": 1.0},
+    "monitor": {"window": 40, "min_samples": 20},
+}
+
+
+def tumorscope(root: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "components.cli", *args, "--workdir", str(root)]
+    return subprocess.run(command, cwd=root, env=workspace_env(root), capture_output=True, text=True, timeout=900)
+
+
+def dvc(root: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=workspace_env(root), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = make_workspace(tmp_path_factory.mktemp("workspace"), TINY)
+    result = tumorscope(root, "run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root
+
+
+def read(root: Path, name: str) -> dict:
+    return json.loads((root / "reports" / name).read_text())
+
+
+def test_pipeline_trains_registers_and_packages(workspace: Path):
+    metrics, gate, package = read(workspace, "metrics.json"), read(workspace, "gate.json"), read(workspace, "package.json")
+    for name in ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert gate["promoted"] and gate["candidate_version"] == package["model_version"]
+    assert package["bento"].startswith("tumorscope:")
+    assert (workspace / "reports" / "validation" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").exists()
+
+
+def test_mlflow_run_holds_params_epoch_metrics_model_and_champion(workspace: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("tumorscope-synth", "champion")
+    run = client.get_run(champion.run_id)
+    assert run.data.params["epochs"] == "2" and "data_hash" in run.data.params
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    assert "test_roc_auc" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"evaluation", "tumorscope"} <= artifacts
+
+
+def test_nothing_changed_is_a_no_op_and_a_train_param_reruns_train_onward(workspace: Path):
+    output = dvc(workspace, "repro")
+    assert "Data and pipelines are up to date" in output and "Running stage" not in output
+    params = workspace / "params.yaml"
+    params.write_text(params.read_text().replace("epochs: 2", "epochs: 3"))
+    rerun = dvc(workspace, "repro")
+    ran = {line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate", "register", "package"}
+
+
+def test_metrics_and_plots_show(workspace: Path):
+    assert "roc_auc" in dvc(workspace, "metrics", "show")
+    plots = json.loads(dvc(workspace, "plots", "show", "--json"))
+    assert any("roc.csv" in key for key in plots["data"])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(workspace: Path):
+    port = _free_port()
+    bento = read(workspace, "package.json")["bento"]
+    env = workspace_env(workspace) | {"BENTOML_HOME": str(workspace / ".bentoml")}
+    command = [str(Path(sys.executable).parent / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    else:
+        server.kill()
+        pytest.fail("bentoml serve did not become ready in 90 s")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def post(url: str, path: Path) -> httpx.Response:
+    with path.open("rb") as handle:
+        return httpx.post(f"{url}/predict", files={"image": (path.name, handle)}, timeout=30)
+
+
+def test_endpoint_answers_with_label_probabilities_and_version(workspace: Path, endpoint: str):
+    image = next((workspace / "data" / "synth" / "tumor").glob("*.png"))
+    response = post(endpoint, image)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["label"] in {"notumor", "tumor"}
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert answer["model_version"] == read(workspace, "package.json")["model_version"]
+    with sqlite3.connect(workspace / "data" / "predictions.sqlite") as db:
+        row = db.execute("SELECT * FROM predictions WHERE prediction_id = ?", (answer["prediction_id"],)).fetchone()
+    assert row is not None and image.name not in json.dumps(row) and image.stem not in json.dumps(row)
+
+
+def test_bad_uploads_get_clear_4xx(endpoint: str, tmp_path: Path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    assert post(endpoint, text).status_code == 415
+    response = post(endpoint, broken)
+    assert response.status_code == 422 and "not a readable image" in response.text
+    assert httpx.get(f"{endpoint}/readyz", timeout=5).status_code == 200
+
+
+def _send_cohort(url: str, folder: Path, count: int) -> None:
+    images = sorted(folder.glob("*/*.png"))
+    images = [p for p in images if p.parent.name != "masks"][:count]
+    for image in images:
+        assert post(url, image).status_code == 200
+
+
+def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: str, tmp_path: Path):
+    from components.config import SynthConfig
+    from components.synth import run as synthesise
+
+    synthesise(SynthConfig(out=tmp_path / "same", subjects=24, image_size=64, seed=101))
+    synthesise(SynthConfig(out=tmp_path / "shifted", subjects=24, image_size=64, seed=102, shift="scanner"))
+    version_before = read(workspace, "gate.json")["candidate_version"]
+
+    _send_cohort(endpoint, tmp_path / "same", 40)
+    quiet = tumorscope(workspace, "monitor")
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert "no retraining" in quiet.stdout
+    assert read(workspace, "gate.json")["candidate_version"] == version_before
+
+    _send_cohort(endpoint, tmp_path / "shifted", 40)
+    drifted = tumorscope(workspace, "monitor")
+    assert drifted.returncode == 0, drifted.stdout[-3000:] + drifted.stderr[-3000:]
+    assert "retrained" in drifted.stdout
+    decision = json.loads((workspace / "reports" / "monitoring" / "decision.json").read_text())
+    assert decision["retrain"] and "mean" in decision["drifted_columns"]
+    assert (workspace / "reports" / "monitoring" / "drift.html").stat().st_size > 10_000
+    assert int(read(workspace, "gate.json")["candidate_version"]) > int(version_before)
