@@ -138,13 +138,14 @@ def synth(
     shift: Annotated[str, typer.Option(help="none, scanner, prevalence or lesion_size.")] = "none",
     seed: int = 7,
     image_size: int = 128,
+    volumes: Annotated[bool, typer.Option(help="Also write one 3D NIfTI volume (+ mask) per subject under OUT/volumes/.")] = False,
 ) -> None:
     """Generate a synthetic cohort (e.g. drifted traffic for monitoring); reads nothing, writes OUT."""
     from components.config import SynthConfig
     from components.synth import run as generate
 
     try:
-        config = SynthConfig(out=out, subjects=subjects, shift=shift, seed=seed, image_size=image_size)
+        config = SynthConfig(out=out, subjects=subjects, shift=shift, seed=seed, image_size=image_size, volumes=volumes)
     except ValueError as exc:
         _fail(str(exc))
     metadata = generate(config, progress=True)

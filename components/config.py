@@ -29,6 +29,8 @@ class SynthConfig(Section):
     image_size: int = Field(128, ge=32, le=512)
     prevalence: float = Field(0.5, gt=0, lt=1)
     shift: Literal["none", "scanner", "prevalence", "lesion_size"] = "none"
+    volumes: bool = False
+    volume_size: int = Field(96, ge=32, le=256)
     seed: int = 42
 
 

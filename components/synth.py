@@ -59,42 +59,45 @@ def _template() -> tuple[np.ndarray, np.ndarray]:
     return template, mask
 
 
-def _smooth_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Smooth random field in [-1, 1]: warps, bias fields and irregular lesion borders."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
     return field / (np.abs(field).max() + 1e-8)
 
 
-def _sampling_grid(rng: np.random.Generator, size: int, shape: tuple[int, int]) -> np.ndarray:
-    """Output pixel -> template coordinates: random rotation, scale, shift and elastic warp."""
-    angle = rng.uniform(-0.35, 0.35)
-    scale = rng.uniform(0.82, 1.18, size=2)
+def _sampling_grid(rng: np.random.Generator, size: int, template_shape: tuple[int, ...]) -> np.ndarray:
+    """Output voxel -> template coordinates (2D or 3D): in-plane rotation, scale, shift and elastic warp."""
+    ndim = len(template_shape)
     mm_per_pixel = FIELD_OF_VIEW_MM / size
-    yy, xx = np.meshgrid(np.arange(size) - size / 2, np.arange(size) - size / 2, indexing="ij")
+    centred = np.indices((size,) * ndim, dtype=np.float32) - size / 2
+    angle = rng.uniform(-0.35, 0.35)
     cos, sin = np.cos(angle), np.sin(angle)
-    rows = (cos * yy - sin * xx) * scale[0] * mm_per_pixel
-    cols = (sin * yy + cos * xx) * scale[1] * mm_per_pixel
+    coords = centred.copy()
+    coords[0], coords[1] = cos * centred[0] - sin * centred[1], sin * centred[0] + cos * centred[1]
+    scale = rng.uniform(0.82, 1.18, size=ndim)
     warp_mm = rng.uniform(3.0, 9.0)
-    rows += _smooth_field(rng, size, size / 6) * warp_mm + rng.uniform(-10, 10)
-    cols += _smooth_field(rng, size, size / 6) * warp_mm + rng.uniform(-10, 10)
-    return np.stack([rows + shape[0] / 2, cols + shape[1] / 2])
+    for axis in range(ndim):
+        coords[axis] *= scale[axis] * mm_per_pixel
+        coords[axis] += _smooth_field(rng, (size,) * ndim, size / 6) * warp_mm + rng.uniform(-10, 10)
+        coords[axis] += template_shape[axis] / 2
+    return coords
 
 
 def _lesion_maps(rng: np.random.Generator, brain: np.ndarray, diameter_px: float) -> tuple[np.ndarray, ...]:
-    """Core, rim and oedema weights (0..1) of one irregular lesion placed inside the brain."""
-    size = brain.shape[0]
+    """Core, rim and oedema weights (0..1) of one irregular lesion placed inside the brain (2D or 3D)."""
     inner = ndimage.binary_erosion(brain, iterations=max(2, int(diameter_px / 2)))
     candidates = np.argwhere(inner if inner.any() else brain)
     centre = candidates[rng.integers(len(candidates))]
-    yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
-    axes = diameter_px / 2 * rng.uniform(0.75, 1.25, size=2)
+    offsets = np.indices(brain.shape, dtype=np.float32) - centre.reshape(-1, *([1] * brain.ndim))
+    axes = diameter_px / 2 * rng.uniform(0.75, 1.25, size=brain.ndim)
     angle = rng.uniform(0, np.pi)
-    dy, dx = yy - centre[0], xx - centre[1]
-    u = (np.cos(angle) * dy + np.sin(angle) * dx) / axes[0]
-    v = (-np.sin(angle) * dy + np.cos(angle) * dx) / axes[1]
-    radius = np.sqrt(u**2 + v**2) * (1 + 0.25 * _smooth_field(rng, size, max(diameter_px / 3, 1.5)))
+    rotated = offsets.copy()
+    rotated[0] = np.cos(angle) * offsets[0] + np.sin(angle) * offsets[1]
+    rotated[1] = -np.sin(angle) * offsets[0] + np.cos(angle) * offsets[1]
+    distance = np.sqrt(sum((rotated[axis] / axes[axis]) ** 2 for axis in range(brain.ndim)))
+    radius = distance * (1 + 0.25 * _smooth_field(rng, brain.shape, max(diameter_px / 3, 1.5)))
     lesion = np.clip(1.0 - (radius - 1.0) * 4, 0, 1)
-    core_fraction = rng.uniform(0.3, 0.7)
-    core = np.clip(1.0 - (radius - core_fraction) * 6, 0, 1)
+    core = np.clip(1.0 - (radius - rng.uniform(0.3, 0.7)) * 6, 0, 1)
     oedema = np.clip(1.0 - (radius - rng.uniform(1.4, 2.2)) * 2, 0, 1) * brain
     return core, np.clip(lesion - core, 0, 1), np.clip(oedema - lesion, 0, 1), lesion > 0.5
 
@@ -103,27 +106,39 @@ def _vessel_spots(rng: np.random.Generator, brain: np.ndarray) -> np.ndarray:
     """Small bright dots (vessels, choroid plexus) in every image: tumour look-alikes."""
     spots = np.zeros(brain.shape, dtype=np.float32)
     inside = np.argwhere(brain)
-    for _ in range(rng.integers(1, 5)):
-        y, x = inside[rng.integers(len(inside))]
-        spots[y, x] = rng.uniform(0.5, 1.0)
-    return np.clip(ndimage.gaussian_filter(spots, rng.uniform(0.7, 1.6)) * 12, 0, 0.6)
+    for _ in range(rng.integers(1, 5) * (1 if brain.ndim == 2 else 8)):
+        spots[tuple(inside[rng.integers(len(inside))])] = rng.uniform(0.5, 1.0)
+    return np.clip(ndimage.gaussian_filter(spots, rng.uniform(0.7, 1.6)) * 12 ** (brain.ndim / 2), 0, 0.6)
 
 
-def render_slice(
-    rng: np.random.Generator, z: int, size: int, scanner: ScannerProfile, lesion_mm: float | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """One 8-bit slice and its lesion mask (empty for a tumour-free slice)."""
-    template, brain_mask = _template()
-    grid = _sampling_grid(rng, size, template.shape[:2])
-    anatomy = ndimage.map_coordinates(template[:, :, z], grid, order=1)
-    brain = ndimage.map_coordinates(brain_mask[:, :, z].astype(np.float32), grid, order=1) > 0.5
+def _anatomy(rng: np.random.Generator, template: np.ndarray, brain_mask: np.ndarray, size: int, lesion_mm: float | None):
+    """Deformed anatomy with vessels and, if asked, a lesion: (intensities, lesion mask)."""
+    grid = _sampling_grid(rng, size, template.shape)
+    anatomy = ndimage.map_coordinates(template, grid, order=1)
+    brain = ndimage.map_coordinates(brain_mask.astype(np.float32), grid, order=1) > 0.5
     anatomy = anatomy * rng.uniform(0.9, 1.1) + _vessel_spots(rng, brain) * brain
-    mask = np.zeros((size, size), dtype=bool)
+    mask = np.zeros(anatomy.shape, dtype=bool)
     if lesion_mm is not None and brain.sum() > 50:
         core, rim, oedema, mask = _lesion_maps(rng, brain, lesion_mm * size / FIELD_OF_VIEW_MM)
         contrast = rng.uniform(0.6, 1.0)
         tissue = np.where(brain, anatomy, 0)
         anatomy = tissue * (1 - contrast * (0.25 * oedema + 0.5 * core)) + contrast * rim * rng.uniform(0.5, 0.9) + (1 - brain) * anatomy
+    return anatomy, mask
+
+
+def render_slice(
+    rng: np.random.Generator, z: int, size: int, scanner: ScannerProfile, lesion_mm: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One 8-bit axial slice and its lesion mask (empty for a tumour-free slice)."""
+    template, brain_mask = _template()
+    anatomy, mask = _anatomy(rng, template[:, :, z], brain_mask[:, :, z], size, lesion_mm)
+    return _scan(rng, anatomy, scanner, size), mask
+
+
+def render_volume(rng: np.random.Generator, size: int, scanner: ScannerProfile, lesion_mm: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """One 8-bit 3D volume (size³ voxels over the field of view) and its lesion mask."""
+    template, brain_mask = _template()
+    anatomy, mask = _anatomy(rng, template, brain_mask, size, lesion_mm)
     return _scan(rng, anatomy, scanner, size), mask
 
 
@@ -132,7 +147,7 @@ def _scan(rng: np.random.Generator, anatomy: np.ndarray, scanner: ScannerProfile
     blur_px = scanner.blur_mm * rng.uniform(0.7, 1.3) * size / FIELD_OF_VIEW_MM
     image = ndimage.gaussian_filter(anatomy, blur_px)
     image = np.clip(image, 0, None) ** (scanner.gamma * rng.uniform(0.9, 1.1))
-    image *= 1 + scanner.bias * _smooth_field(rng, size, size / 4)
+    image *= 1 + scanner.bias * _smooth_field(rng, image.shape, size / 4)
     image *= scanner.gain * rng.uniform(0.9, 1.1)
     noise = scanner.noise * rng.uniform(0.8, 1.2)
     image = np.hypot(image + rng.normal(0, noise, image.shape), rng.normal(0, noise, image.shape))
@@ -176,7 +191,25 @@ def run(config: SynthConfig, progress: bool = False) -> pd.DataFrame:
             rows.append(_write_slice(config, rng, subject, first_z + 5 * k, k, scanners[subject.site]))
     metadata = pd.DataFrame(rows)
     metadata.to_csv(config.out / "metadata.csv", index=False)
+    if config.volumes:
+        volumes = [_write_volume(config, rng, subject, scanners[subject.site]) for subject in design.itertuples(index=False)]
+        pd.DataFrame(volumes).to_csv(config.out / "volumes" / "metadata.csv", index=False)
     return metadata
+
+
+def _write_volume(config: SynthConfig, rng: np.random.Generator, subject, scanner: ScannerProfile) -> dict:
+    """A NIfTI volume (isotropic voxels over the field of view, RAS-like affine) and its lesion mask."""
+    import nibabel as nib
+
+    volume, mask = render_volume(rng, config.volume_size, scanner, subject.lesion_mm if subject.has_tumour else None)
+    label = TUMOUR if mask.any() else NO_TUMOUR
+    spacing = FIELD_OF_VIEW_MM / config.volume_size
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    name = f"{subject.subject_id.lower()}.nii.gz"
+    for folder, data in ((label, volume), ("masks", mask.astype(np.uint8))):
+        (config.out / "volumes" / folder).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data, affine), config.out / "volumes" / folder / name)
+    return {"file": f"{label}/{name}", "mask": f"masks/{name}", "subject_id": subject.subject_id, "site": subject.site}
 
 
 def _write_slice(config: SynthConfig, rng, subject, z: int, k: int, scanner: ScannerProfile) -> dict:

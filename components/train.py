@@ -9,8 +9,10 @@ for the later stages.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
                 weight=torch.tensor(class_weights, dtype=torch.float32), label_smoothing=config.label_smoothing
             )
             self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self._train_losses: list[float] = []
 
         def forward(self, x):
             return self.net(x.contiguous(memory_format=torch.channels_last))
@@ -55,6 +58,7 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
             x, y = batch
             loss = self.loss(self(x), y)
             self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+            self._train_losses.append(float(loss))
             return loss
 
         def validation_step(self, batch, _):
@@ -67,10 +71,20 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
             probs = torch.cat([p for p, _ in self._val_outputs]).cpu().numpy()
             labels = torch.cat([y for _, y in self._val_outputs]).cpu().numpy()
             self._val_outputs.clear()
-            self.log("val_accuracy", float((probs.argmax(1) == labels).mean()), sync_dist=True)
+            epoch = {"val_accuracy": float((probs.argmax(1) == labels).mean())}
             is_tumour = labels != spec.tumour_free_index
             if 0 < is_tumour.sum() < len(labels):
-                self.log("val_auc", float(roc_auc_score(is_tumour, 1 - probs[:, spec.tumour_free_index])), sync_dist=True)
+                epoch["val_auc"] = float(roc_auc_score(is_tumour, 1 - probs[:, spec.tumour_free_index]))
+            self.log_dict(epoch, sync_dist=True)
+            if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+                self._print_epoch(epoch)
+
+        def _print_epoch(self, epoch: dict) -> None:
+            """One line per epoch, so DVC and Prefect logs show progress without a TTY."""
+            train_loss = float(np.mean(self._train_losses)) if self._train_losses else float("nan")
+            self._train_losses.clear()
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in {"train_loss": train_loss, **epoch}.items())
+            print(f"epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: {shown}", flush=True)
 
         def configure_optimizers(self):
             optimizer = torch.optim.AdamW(self.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -104,22 +118,6 @@ def _class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
     return (counts.sum() / (len(classes) * counts)).astype(np.float32)
 
 
-class _EpochPrinter:
-    """One line per epoch, so DVC and Prefect logs show progress without a TTY."""
-
-    def __new__(cls):
-        import lightning as L
-
-        class Printer(L.Callback):
-            def on_validation_epoch_end(self, trainer, module):
-                if trainer.sanity_checking or not trainer.is_global_zero:
-                    return
-                shown = {k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items()}
-                print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown}", flush=True)
-
-        return Printer()
-
-
 def _trainer(config: TrainConfig, logger):
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -133,13 +131,19 @@ def _trainer(config: TrainConfig, logger):
         strategy="ddp" if config.devices * config.num_nodes > 1 else "auto",
         precision="16-mixed" if _has_cuda() else "32-true",
         logger=logger,
-        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience), _EpochPrinter()],
+        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience)],
         enable_progress_bar=sys.stdout.isatty(),
         enable_model_summary=False,
         log_every_n_steps=1,
         deterministic=False,
     )
     return trainer, checkpoint
+
+
+def _quiet_lightning() -> None:
+    """Our own epoch lines replace Lightning's tips, banners and deprecation chatter."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|litlogger).*")
 
 
 def _has_cuda() -> bool:
@@ -169,6 +173,7 @@ def run(config: TrainConfig) -> dict:
 
     if not config.split.exists():
         raise DataError(config.split, "split not found: run the split stage first")
+    _quiet_lightning()
     torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     split = pd.read_csv(config.split)

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from components.config import SynthConfig
 from components.imaging import read_slice
@@ -39,3 +40,17 @@ def test_lesion_size_shift_makes_smaller_lesions(tmp_path: Path):
     normal = run(SynthConfig(out=tmp_path / "n", subjects=20, slices_per_subject=1, image_size=48, seed=2))
     small = run(SynthConfig(out=tmp_path / "s", subjects=20, slices_per_subject=1, image_size=48, shift="lesion_size", seed=2))
     assert small["lesion_mm"].max() < normal["lesion_mm"].median()
+
+
+def test_volumes_on_request_are_nifti_with_spacing_and_masks(tmp_path: Path):
+    import nibabel as nib
+
+    run(SynthConfig(out=tmp_path, subjects=4, slices_per_subject=1, image_size=48, volumes=True, volume_size=48, seed=4))
+    volumes = pd.read_csv(tmp_path / "volumes" / "metadata.csv")
+    assert len(volumes) == 4
+    for row in volumes.itertuples():
+        image = nib.load(tmp_path / "volumes" / row.file)
+        mask = np.asarray(nib.load(tmp_path / "volumes" / row.mask).dataobj)
+        assert image.shape == (48, 48, 48)
+        assert image.header.get_zooms() == pytest.approx((220 / 48,) * 3)
+        assert (mask.sum() > 0) == row.file.startswith("tumor/")
