@@ -36,7 +36,7 @@ class SynthConfig(Section):
 
 class IngestConfig(Section):
     source: Path = Path("data/synth")
-    format: Literal["auto", "folders"] = "auto"
+    format: Literal["auto", "folders", "lgg"] = "auto"
     out: Path = Path("data/manifest.csv")
     duplicate_correlation: float = Field(0.97, gt=0, le=1)
 
@@ -47,6 +47,7 @@ class ValidateConfig(Section):
     min_images: int = Field(20, ge=1)
     min_class_fraction: float = Field(0.05, ge=0, lt=1)
     min_image_side: int = Field(32, ge=1)
+    min_image_std: float = Field(0.001, ge=0, le=1)
     max_unreadable_fraction: float = Field(0.0, ge=0, le=1)
 
 

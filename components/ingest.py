@@ -1,8 +1,14 @@
-"""Ingest: a folder of labelled slices in, one manifest row per image out.
+"""Ingest: a data folder in, one manifest row per image out.
 
-Layout: ``<root>/<label>/*.png|jpg|tif`` (the public Kaggle sets), optionally
-under ``Training/`` and ``Testing/``, with an optional ``<root>/metadata.csv``
-(``file`` relative to root, and any of ``subject_id, age, sex, site, lesion_mm, mask``).
+Layouts (``ingest.format``, or ``auto`` to detect):
+
+- ``folders``: ``<root>/<label>/*.png|jpg|tif`` (the public Kaggle sets), optionally under
+  ``Training/`` and ``Testing/``, with an optional ``<root>/metadata.csv`` (``file`` relative to
+  root, and any of ``subject_id, age, sex, site, lesion_mm, mask``).
+- ``lgg``: the LGG / kaggle_3m layout, ``<root>/<study>/<study>_<n>.tif|png`` with
+  ``<study>_<n>_mask.tif|png`` and ``<root>/data.csv``. A slice is ``tumor`` when its mask has any
+  foreground; the patient is the first 12 characters of the study; clinical columns are joined.
+
 Subjects and images leave this stage only as keyed pseudonyms. Unreadable files
 are quarantined with their reason, not fatal; the validate stage decides whether
 there are too many.
@@ -11,22 +17,37 @@ there are too many.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from components.config import IngestConfig, load_params
+from components.config import NO_TUMOUR, IngestConfig, load_params
 from components.dedup import duplicate_groups, thumbnail
-from components.errors import DataError, TumorScopeError
-from components.imaging import list_images, read_slice, slice_stats
+from components.errors import DataError
+from components.imaging import IMAGE_SUFFIXES, list_images, read_slice, slice_stats
 from components.privacy import pseudonym
 from components.settings import get_settings
 
 SPLIT_FOLDERS = {"training": "train", "testing": "test"}
-NOT_A_CLASS = {"masks", "mask"}
+NOT_A_CLASS = {"masks", "mask", "volumes"}
 METADATA_COLUMNS = ("age", "sex", "site", "lesion_mm")
+LGG_CLINICAL = "data.csv"
+TUMOUR = "tumor"
+
+
+@dataclass
+class Entry:
+    """One image found by an adapter, before it is read."""
+
+    path: Path
+    relative: str
+    label: str | None = None
+    subject: str | None = None
+    mask: Path | None = None
+    source_split: str = ""
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -43,96 +64,132 @@ def find_class_folders(root: Path) -> list[tuple[Path, str | None]]:
     found = []
     for parent, split in parents or [(root, None)]:
         for child in sorted(parent.iterdir()):
-            if child.is_dir() and not child.name.startswith(".") and child.name.lower() not in NOT_A_CLASS:
-                if list_images(child):
-                    found.append((child, split))
+            if child.is_dir() and not child.name.startswith(".") and child.name.lower() not in NOT_A_CLASS and list_images(child):
+                found.append((child, split))
     if not found:
         raise DataError(root, "no class folders with images found (expected <root>/<label>/*.png|jpg|tif)")
     return found
 
 
-def _read_metadata(root: Path) -> pd.DataFrame | None:
-    path = root / "metadata.csv"
-    if not path.exists():
-        return None
+def _read_csv(path: Path, required: str) -> pd.DataFrame:
     try:
-        metadata = pd.read_csv(path)
+        table = pd.read_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(path, f"not a readable CSV ({exc.__class__.__name__})") from None
-    if "file" not in metadata.columns:
-        raise DataError(path, "needs a 'file' column (image path relative to the data root)")
-    return metadata.set_index("file")
+    if required not in table.columns:
+        raise DataError(path, f"needs a '{required}' column")
+    return table
 
 
-def _describe_image(path: Path, root: Path, label: str, split: str | None) -> tuple[dict, np.ndarray]:
-    image = read_slice(path, name=str(path.relative_to(root)))
-    record = {"label": label, "path": str(path.resolve()), "source_split": split or "", **slice_stats(image)}
+def folder_entries(root: Path) -> list[Entry]:
+    metadata_file = root / "metadata.csv"
+    metadata = _read_csv(metadata_file, "file").set_index("file") if metadata_file.exists() else None
+    entries = []
+    for folder, split in find_class_folders(root):
+        for path in list_images(folder):
+            relative = str(path.relative_to(root))
+            entry = Entry(path, relative, label=folder.name, source_split=split or "")
+            if metadata is not None and relative in metadata.index:
+                row = metadata.loc[relative]
+                entry.subject = row.get("subject_id") if isinstance(row.get("subject_id"), str) else None
+                entry.mask = root / row["mask"] if isinstance(row.get("mask"), str) else None
+                entry.extra = {column: row[column] for column in METADATA_COLUMNS if column in row.index}
+            entries.append(entry)
+    return entries
+
+
+def _is_mask(path: Path) -> bool:
+    return path.stem.endswith("_mask")
+
+
+def lgg_entries(root: Path) -> list[Entry]:
+    """Slices with a sibling ``_mask`` file; label from the mask, clinical columns from data.csv."""
+    clinical = _read_csv(root / LGG_CLINICAL, "Patient").set_index("Patient")
+    entries = []
+    for study in sorted(p for p in root.iterdir() if p.is_dir()):
+        masks = {p.stem.removesuffix("_mask"): p for p in study.iterdir() if _is_mask(p) and p.suffix.lower() in IMAGE_SUFFIXES}
+        patient = study.name[:12]
+        row = clinical.loc[patient] if patient in clinical.index else None
+        extra = {"age": row["age_at_initial_pathologic"]} if row is not None else {}
+        if row is not None:
+            extra |= {f"clinical_{name}": value for name, value in row.items() if name != "age_at_initial_pathologic"}
+        for path in sorted(study.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and not _is_mask(path):
+                entries.append(Entry(path, str(path.relative_to(root)), subject=patient, mask=masks.get(path.stem), extra=extra))
+    if not entries:
+        raise DataError(root, "no LGG study folders with slices found (expected <root>/<study>/<study>_<n>.tif|png)")
+    return entries
+
+
+ADAPTERS = {"folders": folder_entries, "lgg": lgg_entries}
+
+
+def detect_format(root: Path) -> str:
+    if not root.is_dir():
+        raise DataError(root, "not a folder")
+    if (root / LGG_CLINICAL).exists() and any(_is_mask(p) for p in root.glob("*/*")):
+        return "lgg"
+    return "folders"
+
+
+def _label_from_mask(entry: Entry) -> str:
+    if entry.mask is None:
+        raise DataError(entry.relative, "no mask file next to this slice, so its label is unknown")
+    return TUMOUR if read_slice(entry.mask).max() > 0 else NO_TUMOUR
+
+
+def describe(entry: Entry, key: bytes) -> tuple[dict, np.ndarray]:
+    """Manifest record and dedup thumbnail of one image; raises DataError for a bad file."""
+    image = read_slice(entry.path, name=entry.relative)
+    record = {
+        "image_id": pseudonym(entry.relative, key, "img-"),
+        "subject": pseudonym(entry.subject or entry.relative, key, "sub-"),
+        "label": entry.label or _label_from_mask(entry),
+        "path": str(entry.path.resolve()),
+        "mask_path": str(entry.mask.resolve()) if entry.mask else "",
+        "source_split": entry.source_split,
+        **slice_stats(image),
+        **entry.extra,
+    }
     return record, thumbnail(image)
-
-
-def scan(root: Path, key: bytes, progress: bool = False) -> tuple[list[dict], list[np.ndarray], list[dict]]:
-    """Read every image once: stats and thumbnail for the good ones, the reason for the bad ones."""
-    files = [(path, folder.name, split) for folder, split in find_class_folders(root) for path in list_images(folder)]
-    records, thumbs, quarantined = [], [], []
-    for path, label, split in _track(files, progress, "reading images"):
-        relative = str(path.relative_to(root))
-        try:
-            record, thumb = _describe_image(path, root, label, split)
-        except DataError as exc:
-            quarantined.append({"file": relative, "problem": exc.problem})
-            continue
-        record["image_id"] = pseudonym(relative, key, "img-")
-        record["relative"] = relative
-        records.append(record)
-        thumbs.append(thumb)
-    return records, thumbs, quarantined
-
-
-def _attach_metadata(manifest: pd.DataFrame, metadata: pd.DataFrame | None, root: Path, key: bytes) -> pd.DataFrame:
-    """Join demographics and masks, then replace subject IDs with pseudonyms."""
-    if metadata is not None:
-        joined = metadata.reindex(manifest["relative"])
-        for column in METADATA_COLUMNS:
-            if column in joined.columns:
-                manifest[column] = joined[column].to_numpy()
-        if "mask" in joined.columns:
-            manifest["mask_path"] = [str((root / m).resolve()) if isinstance(m, str) else "" for m in joined["mask"]]
-        subjects = joined["subject_id"] if "subject_id" in joined.columns else pd.Series([None] * len(manifest))
-    else:
-        subjects = pd.Series([None] * len(manifest))
-    identity = [s if isinstance(s, str) and s else rel for s, rel in zip(subjects.to_numpy(), manifest["relative"])]
-    manifest["subject"] = [pseudonym(value, key, "sub-") for value in identity]
-    return manifest
 
 
 def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     root = config.source
+    layout = detect_format(root) if config.format == "auto" else config.format
+    entries = ADAPTERS[layout](root)
     key = get_settings().secret_key()
-    records, thumbs, quarantined = scan(root, key, progress)
+    records, thumbs, quarantined = [], [], []
+    for entry in _track(entries, progress, f"reading {layout} images"):
+        try:
+            record, thumb = describe(entry, key)
+        except DataError as exc:
+            quarantined.append({"image_id": pseudonym(entry.relative, key, "img-"), "file": entry.relative, "problem": exc.problem})
+            continue
+        records.append(record)
+        thumbs.append(thumb)
     if not records:
         raise DataError(root, "no readable images")
-    manifest = _attach_metadata(pd.DataFrame(records), _read_metadata(root), root, key)
-    groups = duplicate_groups(np.stack(thumbs), config.duplicate_correlation)
-    manifest["duplicate_group"] = [f"dup-{g}" for g in groups]
-    manifest = manifest.drop(columns="relative")
-    quarantine = pd.DataFrame(quarantined, columns=["file", "problem"])
+    manifest = pd.DataFrame(records)
+    manifest["duplicate_group"] = [f"dup-{g}" for g in duplicate_groups(np.stack(thumbs), config.duplicate_correlation)]
+    quarantine = pd.DataFrame(quarantined, columns=["image_id", "file", "problem"])
     config.out.parent.mkdir(parents=True, exist_ok=True)
     manifest.to_csv(config.out, index=False)
-    quarantine.to_csv(quarantine_path(config), index=False)
-    _print_summary(manifest, quarantine)
+    quarantine.to_csv(config.out.with_name("quarantine.csv"), index=False)
+    _print_summary(manifest, quarantine, layout)
     return IngestResult(manifest, quarantine)
 
 
-def quarantine_path(config: IngestConfig) -> Path:
-    return config.out.with_name("quarantine.csv")
-
-
-def _print_summary(manifest: pd.DataFrame, quarantine: pd.DataFrame) -> None:
+def _print_summary(manifest: pd.DataFrame, quarantine: pd.DataFrame, layout: str) -> None:
     counts = ", ".join(f"{label} {n}" for label, n in manifest["label"].value_counts().sort_index().items())
-    groups = manifest["duplicate_group"].nunique()
-    print(f"ingested {len(manifest)} images ({counts}); {groups} near-duplicate groups; {len(quarantine)} quarantined")
+    print(
+        f"ingested {len(manifest)} images ({layout} layout: {counts}) from {manifest['subject'].nunique()} subjects; "
+        f"{manifest['duplicate_group'].nunique()} near-duplicate groups; {len(quarantine)} quarantined"
+    )
+    # File names can carry patient IDs, so the log names quarantined images by pseudonym only;
+    # the quarantine CSV beside the manifest maps them back to files for whoever fixes the data.
     for row in quarantine.head(10).itertuples():
-        print(f"  quarantined {row.file}: {row.problem}")
+        print(f"  quarantined {row.image_id}: {row.problem} (file listed in quarantine.csv)")
 
 
 def _track(items: list, progress: bool, description: str):
@@ -151,6 +208,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-__all__ = ["run", "scan", "find_class_folders", "IngestResult", "TumorScopeError"]

@@ -41,7 +41,7 @@ def _manifest_expectations(config: ValidateConfig, manifest: pd.DataFrame) -> li
         gxe.ExpectColumnValuesToNotBeNull(column="label"),
         gxe.ExpectColumnValuesToBeBetween(column="width", min_value=config.min_image_side),
         gxe.ExpectColumnValuesToBeBetween(column="height", min_value=config.min_image_side),
-        gxe.ExpectColumnValuesToBeBetween(column="std", min_value=0.01, max_value=1.0),
+        gxe.ExpectColumnValuesToBeBetween(column="std", min_value=config.min_image_std, max_value=1.0, mostly=0.99),
     ]
     checks += [gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0.0, max_value=1.0) for c in ("mean", "p01", "p50", "p99")]
     if "age" in manifest.columns:

@@ -45,6 +45,7 @@ def test_unreadable_files_are_quarantined_not_fatal(tiny_cohort: Path, tmp_path:
     (root / "tumor" / "zz-broken.png").write_bytes(b"garbage")
     result = run(IngestConfig(source=root, out=tmp_path / "m.csv"))
     assert list(result.quarantined["file"]) == ["tumor/zz-broken.png"]
+    assert result.quarantined["image_id"].iloc[0].startswith("img-")
     assert "not a readable image" in result.quarantined["problem"].iloc[0]
     assert len(result.manifest) == len(pd.read_csv(tiny_cohort / "metadata.csv"))
 
@@ -53,3 +54,41 @@ def test_folder_without_class_folders_is_a_clear_error(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no class folders"):
         run(IngestConfig(source=tmp_path / "empty", out=tmp_path / "m.csv"))
+
+
+def _lgg_study(root: Path, patient: str, suffix: str, lesions: list[bool]) -> None:
+    study = root / f"{patient}_19990101"
+    study.mkdir(parents=True)
+    rng = np.random.default_rng(len(patient))
+    for n, lesion in enumerate(lesions, start=1):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(study / f"{study.name}_{n}{suffix}")
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        mask[10:14, 10:14] = 255 if lesion else 0
+        Image.fromarray(mask).save(study / f"{study.name}_{n}_mask{suffix}")
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_lgg_layout_labels_from_masks_and_joins_clinical_data(tmp_path: Path, suffix: str):
+    root = tmp_path / "kaggle_3m"
+    _lgg_study(root, "TCGA_AA_0001", suffix, [False, True, True])
+    _lgg_study(root, "TCGA_BB_0002", suffix, [False, False, True])
+    pd.DataFrame({"Patient": ["TCGA_AA_0001", "TCGA_BB_0002"], "gender": [1, 2], "age_at_initial_pathologic": [44, 61]}).to_csv(
+        root / "data.csv", index=False
+    )
+    result = run(IngestConfig(source=root, out=tmp_path / "m.csv"))
+    manifest = result.manifest.sort_values("path")
+    assert manifest["label"].tolist() == ["notumor", "tumor", "tumor", "notumor", "notumor", "tumor"]
+    assert manifest.groupby("subject")["age"].first().sort_values().tolist() == [44, 61]
+    assert set(manifest["clinical_gender"]) == {1, 2}
+    assert manifest["mask_path"].str.endswith(f"_mask{suffix}").all()
+    assert "TCGA_AA_0001" not in "".join(manifest["subject"])
+
+
+def test_lgg_slice_without_mask_is_quarantined(tmp_path: Path):
+    root = tmp_path / "kaggle_3m"
+    _lgg_study(root, "TCGA_AA_0001", ".png", [True, False])
+    next(root.glob("*/*_2_mask.png")).unlink()
+    pd.DataFrame({"Patient": ["TCGA_AA_0001"], "age_at_initial_pathologic": [50]}).to_csv(root / "data.csv", index=False)
+    result = run(IngestConfig(source=root, out=tmp_path / "m.csv", format="lgg"))
+    assert len(result.manifest) == 1
+    assert "no mask file" in result.quarantined["problem"].iloc[0]

@@ -27,3 +27,18 @@ def test_masoud_training_ingests_validates_and_splits_without_leaks(tmp_path: Pa
     assigned = split(SplitConfig(manifest=manifest, out=tmp_path / "split.csv"))
     check_no_leak(assigned)
     assert set(assigned["split"]) == {"train", "val", "test"}
+
+
+def test_lgg_patients_become_a_validated_patient_grouped_split_with_demographics(tmp_path: Path):
+    source = shared_data("lgg-kaggle_3m/kaggle_3m")
+    manifest = tmp_path / "manifest.csv"
+    result = ingest(IngestConfig(source=source, out=manifest))
+    frame = result.manifest
+    assert frame["subject"].nunique() == 40 and len(result.quarantined) == 0
+    assert {"tumor", "notumor"} == set(frame["label"])
+    assert frame.groupby("subject")["age"].first().notna().sum() == 39, "one patient has no age in data.csv"
+    assert "clinical_gender" in frame.columns
+    assert validate(ValidateConfig(manifest=manifest, report_dir=tmp_path / "reports")).success
+    assigned = split(SplitConfig(manifest=manifest, out=tmp_path / "split.csv"))
+    check_no_leak(assigned)
+    assert assigned.groupby("subject")["split"].nunique().max() == 1
