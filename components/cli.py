@@ -30,6 +30,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _result(state) -> dict:
+    """A finished flow's result, or its failure message as one line (the flow already logged the details)."""
+    if state.is_failed():
+        _fail(state.message)
+    return state.result()
+
+
 def _enter(workdir: Path) -> Path:
     root = workdir.resolve()
     if not (root / "dvc.yaml").exists():
@@ -107,11 +114,7 @@ def run(
         _point_params_at(data, model_name)
     from flows.training import training
 
-    try:
-        summary = training(workdir=str(root), force_from=force_from)
-    except TumorScopeError as exc:
-        _fail(str(exc))
-    _print_summary(summary, root)
+    _print_summary(_result(training(workdir=str(root), force_from=force_from, return_state=True)), root)
 
 
 @app.command()
@@ -219,10 +222,7 @@ def monitor(
     os.environ.setdefault("TUMORSCOPE_PREDICTION_LOG", str(root / "data" / "predictions.sqlite"))
     from flows.monitoring import monitoring
 
-    try:
-        decision = monitoring(workdir=str(root), retrain=retrain)
-    except TumorScopeError as exc:
-        _fail(str(exc))
+    decision = _result(monitoring(workdir=str(root), retrain=retrain, return_state=True))
     typer.echo(("retrained: " if decision["retrained"] else "no retraining: ") + "; ".join(decision["reasons"]))
     typer.echo(f"report: {decision.get('report_html') or '(none)'}")
 
@@ -233,11 +233,7 @@ def retrain(workdir: Workspace = Path(".")) -> None:
     root = _enter(workdir)
     from flows.training import training
 
-    try:
-        summary = training(workdir=str(root), force_from="train")
-    except TumorScopeError as exc:
-        _fail(str(exc))
-    _print_summary(summary, root)
+    _print_summary(_result(training(workdir=str(root), force_from="train", return_state=True)), root)
 
 
 if __name__ == "__main__":

@@ -71,13 +71,14 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
             probs = torch.cat([p for p, _ in self._val_outputs]).cpu().numpy()
             labels = torch.cat([y for _, y in self._val_outputs]).cpu().numpy()
             self._val_outputs.clear()
+            val_loss = self.trainer.callback_metrics.get("val_loss")
             epoch = {"val_accuracy": float((probs.argmax(1) == labels).mean())}
             is_tumour = labels != spec.tumour_free_index
             if 0 < is_tumour.sum() < len(labels):
                 epoch["val_auc"] = float(roc_auc_score(is_tumour, 1 - probs[:, spec.tumour_free_index]))
             self.log_dict(epoch, sync_dist=True)
             if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-                self._print_epoch(epoch)
+                self._print_epoch({"val_loss": float(val_loss) if val_loss is not None else float("nan"), **epoch})
 
         def _print_epoch(self, epoch: dict) -> None:
             """One line per epoch, so DVC and Prefect logs show progress without a TTY."""
@@ -109,7 +110,7 @@ def _loaders(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
             raise DataError(config.split, f"the {part} split is empty")
         transform = augmentations() if shuffle and config.augment else None
         dataset = SliceDataset(prepared_images(rows, config.image_size), rows["label"].map(index).to_numpy(), transform)
-        loaders.append(DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, num_workers=0, drop_last=False))
+        loaders.append(DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, num_workers=0, drop_last=shuffle))
     return loaders
 
 
@@ -125,6 +126,7 @@ def _trainer(config: TrainConfig, logger):
     checkpoint = ModelCheckpoint(dirpath=config.out_dir / "checkpoints", monitor="val_loss", mode="min", save_last=True)
     trainer = L.Trainer(
         max_epochs=config.epochs,
+        min_epochs=max(1, config.epochs // 2),  # no early stop while the one-cycle LR is still high
         accelerator="auto",
         devices=config.devices,
         num_nodes=config.num_nodes,

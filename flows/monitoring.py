@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 from prefect import flow, task
+from prefect.states import Failed
 
 from components.stage import ERROR_MARK
-from flows.training import StageFailed, stage_env, training
+from flows.training import stage_env, training
 
 DEFAULT_CRON = "0 * * * *"
 
@@ -32,7 +33,9 @@ def check_drift(workdir: str, prediction_log: str | None = None) -> dict:
     print(process.stdout.strip())
     if process.returncode != 0:
         errors = [line.split(ERROR_MARK, 1)[1].strip() for line in process.stderr.splitlines() if ERROR_MARK in line]
-        raise StageFailed("monitor", "\n".join(errors) or process.stderr[-2000:], transient=False)
+        if not errors:
+            raise RuntimeError(f"drift check crashed:\n{process.stderr[-2000:]}")
+        return {"error": "\n".join(errors)}
     report_dir = Path(workdir) / "reports" / "monitoring"
     return json.loads((report_dir / "decision.json").read_text())
 
@@ -40,10 +43,15 @@ def check_drift(workdir: str, prediction_log: str | None = None) -> dict:
 @flow(name="monitoring", log_prints=True)
 def monitoring(workdir: str = ".", retrain: bool = True, prediction_log: str | None = None) -> dict:
     decision = check_drift(workdir, prediction_log)
+    if "error" in decision:
+        return Failed(message=f"monitoring: {decision['error']}")
     decision["retrained"] = False
     if decision["retrain"] and retrain:
         print("drift detected: starting the training flow (retraining)")
-        decision["training"] = training(workdir=workdir, force_from="train")
+        state = training(workdir=workdir, force_from="train", return_state=True)
+        if state.is_failed():
+            return Failed(message=f"retraining failed: {state.message}")
+        decision["training"] = state.result()
         decision["retrained"] = True
     return decision
 

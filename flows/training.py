@@ -21,19 +21,13 @@ from pathlib import Path
 import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
 
-from components.errors import TumorScopeError
 from components.settings import apply_runtime_env
-from components.stage import ERROR_MARK, EXIT_DATA_ERROR
+from components.stage import ERROR_MARK
 
 STAGES = ("synth", "ingest", "validate", "split", "train", "evaluate", "register", "package")
 SKIPPED_MARK = "didn't change, skipping"
-
-
-class StageFailed(TumorScopeError):
-    def __init__(self, stage: str, detail: str, transient: bool) -> None:
-        self.stage, self.transient = stage, transient
-        super().__init__(f"stage '{stage}' failed: {detail}")
 
 
 def stage_env(workdir: Path) -> dict[str, str]:
@@ -43,19 +37,14 @@ def stage_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def _only_if_transient(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except StageFailed as exc:
-        return exc.transient
-    except Exception:
-        return True
-    return False
-
-
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_only_if_transient, task_run_name="{stage}")
+@task(retries=2, retry_delay_seconds=5, task_run_name="{stage}")
 def run_stage(stage: str, workdir: str, force: bool = False) -> dict:
-    """``dvc repro`` one stage, streaming its output; returns whether it ran and how long it took."""
+    """``dvc repro`` one stage, streaming its output; returns its status and how long it took.
+
+    A stage that reports a problem with the data or params (exit code 2 and a
+    ``tumorscope: error:`` line) comes back as status ``failed`` with that message,
+    since retrying cannot fix it; any other crash raises, and Prefect retries it.
+    """
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -65,12 +54,14 @@ def run_stage(stage: str, workdir: str, force: bool = False) -> dict:
     for line in process.stdout:
         lines.append(line.rstrip())
         print(f"[{stage}] {line.rstrip()}", flush=True)
-    if process.wait() != 0:
-        errors = [line.split(ERROR_MARK, 1)[1].strip() for line in lines if ERROR_MARK in line]
-        detail = "\n".join(errors) or "\n".join(lines[-15:])
-        raise StageFailed(stage, detail, transient=not errors and process.returncode != EXIT_DATA_ERROR)
-    ran = not any(SKIPPED_MARK in line for line in lines)
-    return {"stage": stage, "status": "ran" if ran else "up to date", "seconds": round(time.perf_counter() - started, 1)}
+    code = process.wait()
+    outcome = {"stage": stage, "seconds": round(time.perf_counter() - started, 1)}
+    errors = [line.split(ERROR_MARK, 1)[1].strip() for line in lines if ERROR_MARK in line]
+    if code != 0 and errors:
+        return {**outcome, "status": "failed", "error": "\n".join(errors)}
+    if code != 0:
+        raise RuntimeError(f"stage '{stage}' crashed (exit {code}):\n" + "\n".join(lines[-15:]))
+    return {**outcome, "status": "up to date" if any(SKIPPED_MARK in line for line in lines) else "ran"}
 
 
 def pipeline_stages(workdir: Path) -> list[str]:
@@ -108,13 +99,21 @@ def _publish_artifacts(summary: dict, stages: list[dict]) -> None:
 
 @flow(name="training", log_prints=True)
 def training(workdir: str = ".", force_from: str | None = None) -> dict:
-    """Run the pipeline; ``force_from`` reruns that stage and every later one even if DVC thinks them current."""
+    """Run the pipeline; ``force_from`` reruns that stage and every later one even if DVC thinks them current.
+
+    A stage's data or params problem ends the flow in a Failed state whose message
+    is that problem (no traceback); later stages do not run.
+    """
     root = Path(workdir).resolve()
     stages = pipeline_stages(root)
     if force_from is not None and force_from not in stages:
-        raise TumorScopeError(f"force_from: unknown stage '{force_from}' (stages: {', '.join(stages)})")
+        return Failed(message=f"force_from: unknown stage '{force_from}' (stages: {', '.join(stages)})")
     forced = stages[stages.index(force_from) :] if force_from else []
-    results = [run_stage(stage, str(root), force=stage in forced) for stage in stages]
+    results = []
+    for stage in stages:
+        results.append(run_stage(stage, str(root), force=stage in forced))
+        if results[-1]["status"] == "failed":
+            return Failed(message=f"stage '{stage}' failed: {results[-1]['error']}")
     summary = {**read_summary(root), "stages": results}
     _publish_artifacts(summary, results)
     return summary

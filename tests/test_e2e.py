@@ -174,3 +174,14 @@ def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: 
     assert decision["retrain"] and "mean" in decision["drifted_columns"]
     assert (workspace / "reports" / "monitoring" / "drift.html").stat().st_size > 10_000
     assert int(read(workspace, "gate.json")["candidate_version"]) > int(version_before)
+
+
+def test_bad_data_stops_the_flow_with_one_clear_line_and_no_traceback(tmp_path: Path):
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    root = make_workspace(tmp_path / "ws", {"ingest": {"source": str(empty)}})
+    result = tumorscope(root, "run")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert f"error: stage 'ingest' failed: {empty}: no class folders with images found" in result.stderr
+    assert "Traceback" not in output
