@@ -28,6 +28,8 @@ with bentoml.importing():
     from components.predictions import PredictionLog
     from components.settings import get_settings
 
+from serving.guard import UploadGuard
+
 BENTO_MODEL = os.environ.get("TUMORSCOPE_BENTO_MODEL", "tumorscope-classifier")
 MAX_UPLOAD_BYTES = int(os.environ.get("TUMORSCOPE_MAX_UPLOAD_BYTES", 20 * 1024 * 1024))
 REVIEW_BELOW_CONFIDENCE = float(os.environ.get("TUMORSCOPE_REVIEW_BELOW_CONFIDENCE", 0.7))
@@ -114,3 +116,6 @@ class TumorScope:
                 "latency_ms": (time.perf_counter() - started) * 1000,
             }
         )
+
+
+TumorScope.add_asgi_middleware(UploadGuard, routes={"/predict": "image"}, max_bytes=MAX_UPLOAD_BYTES)

@@ -97,7 +97,7 @@ def _free_port() -> int:
 def endpoint(workspace: Path):
     port = _free_port()
     bento = read(workspace, "package.json")["bento"]
-    env = workspace_env(workspace) | {"BENTOML_HOME": str(workspace / ".bentoml")}
+    env = workspace_env(workspace) | {"BENTOML_HOME": str(workspace / ".bentoml"), "TUMORSCOPE_MAX_UPLOAD_BYTES": "200000"}
     command = [str(Path(sys.executable).parent / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -139,9 +139,16 @@ def test_bad_uploads_get_clear_4xx(endpoint: str, tmp_path: Path):
     text.write_text("not an image")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 300_000)
     assert post(endpoint, text).status_code == 415
     response = post(endpoint, broken)
     assert response.status_code == 422 and "not a readable image" in response.text
+    assert post(endpoint, huge).status_code == 413
+    with broken.open("rb") as handle:
+        misnamed = httpx.post(f"{endpoint}/predict", files={"file": ("x.png", handle)}, timeout=30)
+    assert misnamed.status_code == 400 and "field named 'image'" in misnamed.text
+    assert httpx.post(f"{endpoint}/predict", json={"image": "nope"}, timeout=30).status_code < 500
     assert httpx.get(f"{endpoint}/readyz", timeout=5).status_code == 200
 
 
