@@ -32,7 +32,7 @@ def load_classifier(model: str) -> Classifier:
         raise TumorScopeError(f"registry: {name} has no alias '{model}' (run the pipeline, or pass --model <folder>)") from None
     spec = ModelSpec.model_validate(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/tumorscope/model.json"))
     net = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
-    return Classifier(spec, net.state_dict())
+    return Classifier(spec, net)
 
 
 def expand(inputs: list[Path]) -> list[Path]:

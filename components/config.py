@@ -66,6 +66,7 @@ class TrainConfig(Section):
     image_size: int = Field(96, ge=32, le=512)
     channels: list[int] = [16, 32, 64, 128]
     blocks: list[int] = [1, 1, 1, 1]
+    norm: Literal["batch", "group", "instance"] = "group"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(3e-3, gt=0)

@@ -89,8 +89,23 @@ def rescore_champion(version, test: pd.DataFrame) -> dict[str, float]:
             "set register.model_name to a new name for a different task"
         )
     net = mlflow.pytorch.load_model(f"models:/{version.name}/{version.version}", map_location="cpu")
-    probabilities, _ = score_images(Classifier(spec, net.state_dict()), test["path"].tolist())
+    probabilities, _ = score_images(Classifier(spec, net), test["path"].tolist())
     return metrics_for(spec, test["label"], probabilities)
+
+
+def _rescore_or_explain(champion, test: pd.DataFrame) -> tuple[dict[str, float] | None, str]:
+    """The champion's metrics, or why they could not be had (then the gate refuses: no blind replacement)."""
+    if champion is None:
+        return None, ""
+    try:
+        return rescore_champion(champion, test), ""
+    except TumorScopeError:
+        raise
+    except Exception as exc:  # a champion that cannot be loaded or run is a finding, not a crash
+        return (
+            None,
+            f"the champion (version {champion.version}) could not be re-scored on this test split ({exc.__class__.__name__}: {exc})",
+        )
 
 
 def run(config: RegisterConfig, split_file: Path = Path("data/split.csv")) -> GateDecision:
@@ -103,8 +118,11 @@ def run(config: RegisterConfig, split_file: Path = Path("data/split.csv")) -> Ga
     trained = json.loads(MODEL_SPEC.read_text())
     champion = _champion(client, config.model_name)
     test = pd.read_csv(split_file).query("split == 'test'")
-    champion_metrics = rescore_champion(champion, test) if champion else None
+    champion_metrics, unscored = _rescore_or_explain(champion, test)
     decision = decide(metrics, config, champion_metrics)
+    if unscored:
+        decision.promoted = False
+        decision.reasons = [unscored, *[r for r in decision.reasons if not r.startswith("meets every")]]
     candidate = mlflow.register_model(trained["mlflow_model_uri"], config.model_name)
     decision.candidate_version = str(candidate.version)
     client.set_registered_model_alias(config.model_name, CHALLENGER, candidate.version)

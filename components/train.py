@@ -180,7 +180,14 @@ def run(config: TrainConfig) -> dict:
     L.seed_everything(config.seed, workers=True, verbose=False)
     split = pd.read_csv(config.split)
     classes = sorted(split["label"].unique())
-    spec = ModelSpec(network=config.network, image_size=config.image_size, channels=config.channels, blocks=config.blocks, classes=classes)
+    spec = ModelSpec(
+        network=config.network,
+        image_size=config.image_size,
+        channels=config.channels,
+        blocks=config.blocks,
+        classes=classes,
+        norm=config.norm,
+    )
     train_loader, val_loader = _loaders(split, config, classes)
     module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
     data_hash = file_hash(config.split)
@@ -192,7 +199,7 @@ def run(config: TrainConfig) -> dict:
         return {}
     best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
-    classifier = Classifier(spec, module.net.state_dict())
+    classifier = Classifier(spec, module.net)
     return _publish(classifier, config, mlflow_run, data_hash, trainer.current_epoch)
 
 

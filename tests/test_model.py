@@ -12,7 +12,7 @@ def test_save_load_round_trip_predicts_the_same(tmp_path: Path):
 
     torch.manual_seed(0)
     spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"])
-    classifier = Classifier(spec, build_network(spec).state_dict())
+    classifier = Classifier.from_weights(spec, build_network(spec).state_dict())
     classifier.save(tmp_path, {"run_id": "r1"})
     loaded = Classifier.load(tmp_path)
     images = [np.random.default_rng(i).random((50, 40)).astype(np.float32) for i in range(3)]
@@ -25,3 +25,13 @@ def test_save_load_round_trip_predicts_the_same(tmp_path: Path):
 def test_loading_from_an_empty_folder_is_a_clear_error(tmp_path: Path):
     with pytest.raises(TumorScopeError, match="no trained model"):
         Classifier.load(tmp_path)
+
+
+def test_a_spec_saved_before_norm_was_recorded_rebuilds_the_batch_norm_network():
+    legacy = ModelSpec.model_validate_json(
+        '{"network": "resnet", "image_size": 32, "channels": [8, 8, 16, 16], "blocks": [1, 1, 1, 1], "classes": ["notumor", "tumor"]}'
+    )
+    assert legacy.norm == "batch"
+    assert "bn1.running_mean" in build_network(legacy).state_dict()
+    current = ModelSpec(**{**legacy.model_dump(), "norm": "group"})
+    assert "bn1.running_mean" not in build_network(current).state_dict()
