@@ -112,6 +112,9 @@ class MonitorConfig(Section):
     window: int = Field(1000, ge=1)
     min_samples: int = Field(30, ge=1)
     drift_share: float = Field(0.5, gt=0, le=1)
+    min_feedback: int = Field(20, ge=1)
+    max_accuracy_drop: float = Field(0.1, ge=0, le=1)
+    cooldown_hours: float = Field(6.0, ge=0)
 
 
 class Params(Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +22,8 @@ from components.settings import get_settings
 
 NUMERICAL = ["mean", "std", "p01", "p50", "p99", "foreground", "confidence", "tumour_probability"]
 CATEGORICAL = ["predicted_label"]
-DECISION_FILE = "decision.json"
+DECISION_FILE, HISTORY_FILE = "decision.json", "decisions.jsonl"
+METRICS_FILE = Path("reports/metrics.json")
 
 
 @dataclass
@@ -36,7 +37,37 @@ class MonitorDecision:
     time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
-def decide(config: MonitorConfig, reference: pd.DataFrame, current: pd.DataFrame) -> MonitorDecision:
+def feedback_quality(current: pd.DataFrame, baseline_accuracy: float | None, config: MonitorConfig) -> tuple[bool, str | None]:
+    """Accuracy on clinician-labelled predictions against the test accuracy at training time."""
+    labelled = current.dropna(subset=["feedback_label"]) if "feedback_label" in current else current.iloc[:0]
+    if len(labelled) < config.min_feedback or baseline_accuracy is None:
+        return False, f"{len(labelled)} feedback labels; quality is judged from {config.min_feedback}" if len(labelled) else None
+    accuracy = float((labelled["feedback_label"] == labelled["predicted_label"]).mean())
+    dropped = baseline_accuracy - accuracy > config.max_accuracy_drop
+    verdict = "dropped by more than" if dropped else "within"
+    return (
+        dropped,
+        f"accuracy on {len(labelled)} feedback labels {accuracy:.3f} vs {baseline_accuracy:.3f} at training: {verdict} {config.max_accuracy_drop}",
+    )
+
+
+def in_cooldown(history: list[dict], config: MonitorConfig, now: datetime) -> str | None:
+    """Why retraining must wait, if a retraining decision was taken less than the cooldown ago."""
+    triggered = [datetime.fromisoformat(entry["time"]) for entry in history if entry.get("retrain")]
+    if triggered and now - max(triggered) < timedelta(hours=config.cooldown_hours):
+        return f"cooldown: the last retraining decision was at {max(triggered).isoformat()} (cooldown {config.cooldown_hours} h)"
+    return None
+
+
+def decide(
+    config: MonitorConfig,
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    baseline_accuracy: float | None = None,
+    history: list[dict] | None = None,
+    now: datetime | None = None,
+) -> MonitorDecision:
+    """Drift and feedback quality, each a reason; retrain when either says so and no cooldown holds."""
     from components.drift import DriftDetector
 
     if len(current) < config.min_samples:
@@ -47,10 +78,26 @@ def decide(config: MonitorConfig, reference: pd.DataFrame, current: pd.DataFrame
     reasons = [f"drifted column share {result.drifted_share:.2f} is {verdict} the threshold {config.drift_share}"]
     if result.drifted_columns:
         reasons.append("drifted: " + ", ".join(result.drifted_columns))
+    quality_dropped, quality_reason = feedback_quality(current, baseline_accuracy, config)
+    reasons += [quality_reason] if quality_reason else []
+    retrain = drifted or quality_dropped
+    waiting = in_cooldown(history or [], config, now or datetime.now(UTC)) if retrain else None
+    if waiting:
+        retrain, reasons = False, [*reasons, waiting]
     config.report_dir.mkdir(parents=True, exist_ok=True)
     html = config.report_dir / "drift.html"
     result.save(html, config.report_dir / "drift.json")
-    return MonitorDecision(drifted, reasons, len(current), result.drifted_share, result.drifted_columns, str(html))
+    result.add_to_workspace(config.report_dir / "evidently-workspace", "tumorscope-monitoring")
+    return MonitorDecision(retrain, reasons, len(current), result.drifted_share, result.drifted_columns, str(html))
+
+
+def _history(report_dir: Path) -> list[dict]:
+    path = report_dir / HISTORY_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _baseline_accuracy() -> float | None:
+    return json.loads(METRICS_FILE.read_text()).get("accuracy") if METRICS_FILE.exists() else None
 
 
 def run(config: MonitorConfig, prediction_log: Path | None = None) -> MonitorDecision:
@@ -60,10 +107,10 @@ def run(config: MonitorConfig, prediction_log: Path | None = None) -> MonitorDec
     if not log_path.exists():
         raise DataError(log_path, "no prediction log: nothing has been served yet")
     current = PredictionLog(log_path).recent(config.window)
-    decision = decide(config, pd.read_csv(config.reference), current)
+    decision = decide(config, pd.read_csv(config.reference), current, _baseline_accuracy(), _history(config.report_dir))
     config.report_dir.mkdir(parents=True, exist_ok=True)
     (config.report_dir / DECISION_FILE).write_text(json.dumps(asdict(decision), indent=2))
-    with (config.report_dir / "decisions.jsonl").open("a") as history:
+    with (config.report_dir / HISTORY_FILE).open("a") as history:
         history.write(json.dumps(asdict(decision)) + "\n")
     print(
         f"monitoring: {'RETRAIN' if decision.retrain else 'no retraining'} ({decision.samples} predictions): " + "; ".join(decision.reasons)

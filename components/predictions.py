@@ -16,6 +16,8 @@ import pandas as pd
 
 from components.imaging import STAT_COLUMNS
 
+SUBGROUP_COLUMNS = ("age_band", "sex", "site")
+
 COLUMNS = {
     "prediction_id": "TEXT PRIMARY KEY",
     "time": "TEXT",
@@ -29,7 +31,9 @@ COLUMNS = {
     "needs_review": "INTEGER",
     "latency_ms": "REAL",
     **{name: "REAL" for name in STAT_COLUMNS},
+    **{name: "TEXT" for name in SUBGROUP_COLUMNS},
     "feedback_label": "TEXT",
+    "feedback_time": "TEXT",
 }
 
 
@@ -39,6 +43,10 @@ class PredictionLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db, db:
             db.execute(f"CREATE TABLE IF NOT EXISTS predictions ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})")
+            present = {row[1] for row in db.execute("PRAGMA table_info(predictions)")}
+            for name, kind in COLUMNS.items():  # logs written by an older version gain the new columns
+                if name not in present:
+                    db.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
@@ -47,7 +55,20 @@ class PredictionLog:
         row = {name: record.get(name) for name in COLUMNS}
         row["probabilities"] = json.dumps(record.get("probabilities", {}))
         with closing(self._connect()) as db, db:
-            db.execute(f"INSERT INTO predictions VALUES ({', '.join('?' * len(row))})", list(row.values()))
+            db.execute(f"INSERT INTO predictions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+
+    def add_feedback(self, prediction_id: str, label: str, time: str) -> bool:
+        """Store a clinician's label for one prediction; False when no such prediction exists."""
+        with closing(self._connect()) as db, db:
+            cursor = db.execute(
+                "UPDATE predictions SET feedback_label = ?, feedback_time = ? WHERE prediction_id = ?", (label, time, prediction_id)
+            )
+            return cursor.rowcount == 1
+
+    def export_parquet(self, path: Path) -> Path:
+        with closing(self._connect()) as db:
+            pd.read_sql_query("SELECT * FROM predictions ORDER BY time", db).to_parquet(path, index=False)
+        return path
 
     def recent(self, limit: int) -> pd.DataFrame:
         """The newest ``limit`` records, oldest first."""

@@ -75,8 +75,12 @@ class TumorScope:
         self.log = PredictionLog(get_settings().prediction_log_path)
 
     @bentoml.api
-    def predict(self, image: Path) -> dict:
-        """Classify one 2D MRI slice (PNG, JPEG or TIFF)."""
+    def predict(self, image: Path, age_band: str | None = None, sex: str | None = None, site: str | None = None) -> dict:
+        """Classify one 2D MRI slice (PNG, JPEG or TIFF).
+
+        ``age_band``, ``sex`` and ``site`` are optional subgroup labels (never identifiers);
+        they are recorded so monitoring can compare quality across subgroups.
+        """
         started = time.perf_counter()
         data = read_upload(image)
         try:
@@ -85,8 +89,18 @@ class TumorScope:
             raise _refuse(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
         probabilities = self.classifier.predict_proba([pixels])[0]
         answer = self._answer(probabilities, slice_stats(pixels))
-        self._record(answer, data, slice_stats(pixels), started)
+        subgroups = {"age_band": age_band, "sex": sex, "site": site}
+        self._record(answer, data, {**slice_stats(pixels), **subgroups}, started)
         return answer
+
+    @bentoml.api
+    def feedback(self, prediction_id: str, label: str) -> dict:
+        """A clinician confirms or corrects a prediction; the label feeds monitoring and the next data version."""
+        if label not in self.classifier.spec.classes:
+            raise _refuse(HTTPStatus.UNPROCESSABLE_ENTITY, f"label must be one of {self.classifier.spec.classes}")
+        if not self.log.add_feedback(prediction_id, label, datetime.now(UTC).isoformat(timespec="milliseconds")):
+            raise _refuse(HTTPStatus.NOT_FOUND, f"no prediction with id {prediction_id!r}")
+        return {"prediction_id": prediction_id, "feedback_label": label, "stored": True}
 
     def _answer(self, probabilities, stats: dict[str, float]) -> dict:
         classes = self.classifier.spec.classes
@@ -104,7 +118,7 @@ class TumorScope:
             "review_reason": reason,
         }
 
-    def _record(self, answer: dict, data: bytes, stats: dict[str, float], started: float) -> None:
+    def _record(self, answer: dict, data: bytes, stats: dict, started: float) -> None:
         self.log.append(
             {
                 **answer,

@@ -134,6 +134,22 @@ def test_endpoint_answers_with_label_probabilities_and_version(workspace: Path, 
     assert row is not None and image.name not in json.dumps(row) and image.stem not in json.dumps(row)
 
 
+def test_feedback_and_subgroups_are_recorded(workspace: Path, endpoint: str):
+    image = next((workspace / "data" / "synth" / "notumor").glob("*.png"))
+    with image.open("rb") as handle:
+        answer = httpx.post(
+            f"{endpoint}/predict", files={"image": (image.name, handle)}, data={"sex": "F", "age_band": "60-69"}, timeout=30
+        )
+    prediction_id = answer.json()["prediction_id"]
+    stored = httpx.post(f"{endpoint}/feedback", json={"prediction_id": prediction_id, "label": "notumor"}, timeout=30)
+    assert stored.status_code == 200 and stored.json()["stored"]
+    assert httpx.post(f"{endpoint}/feedback", json={"prediction_id": "nope", "label": "notumor"}, timeout=30).status_code == 404
+    assert httpx.post(f"{endpoint}/feedback", json={"prediction_id": prediction_id, "label": "cat"}, timeout=30).status_code == 422
+    with sqlite3.connect(workspace / "data" / "predictions.sqlite") as db:
+        row = db.execute("SELECT sex, age_band, feedback_label FROM predictions WHERE prediction_id = ?", (prediction_id,)).fetchone()
+    assert row == ("F", "60-69", "notumor")
+
+
 def test_bad_uploads_get_clear_4xx(endpoint: str, tmp_path: Path):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
