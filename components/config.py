@@ -91,6 +91,7 @@ class EvaluateConfig(Section):
     split: Path = Path("data/split.csv")
     model_dir: Path = Path("models")
     report_dir: Path = Path("reports")
+    min_group_size: int = Field(20, ge=1)
 
 
 class RegisterConfig(Section):
@@ -99,6 +100,7 @@ class RegisterConfig(Section):
     min_sensitivity: float = Field(0.8, ge=0, le=1)
     min_specificity: float = Field(0.8, ge=0, le=1)
     min_auc: float = Field(0.85, ge=0, le=1)
+    min_subgroup_sensitivity: float = Field(0.8, ge=0, le=1)
     tolerance: float = Field(0.005, ge=0, le=1)
 
 

@@ -50,6 +50,18 @@ def metrics_for(spec: ModelSpec, labels: pd.Series, probabilities: np.ndarray) -
     return {"accuracy": float(accuracy_score(labels, predicted)), **binary_metrics(is_tumour, tumour_probability(probabilities, spec))}
 
 
+def assess(classifier: Classifier, test: pd.DataFrame, min_group_size: int) -> tuple[dict, np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """Metrics (overall and worst subgroup), probabilities, image statistics and the subgroup table of one split."""
+    from components.fairness import subgroup_table, summary
+
+    spec = classifier.spec
+    probabilities, stats = score_images(classifier, test["path"].tolist())
+    metrics = metrics_for(spec, test["label"], probabilities)
+    is_tumour = (test["label"] != spec.classes[spec.tumour_free_index]).to_numpy()
+    subgroups = subgroup_table(test, is_tumour, tumour_probability(probabilities, spec) >= 0.5)
+    return {**metrics, **summary(subgroups, min_group_size)}, probabilities, stats, subgroups
+
+
 def reference_table(spec: ModelSpec, stats: pd.DataFrame, probabilities: np.ndarray) -> pd.DataFrame:
     """The monitoring baseline, in the endpoint's record columns."""
     return stats.assign(
@@ -105,17 +117,18 @@ def run(config: EvaluateConfig) -> dict[str, float]:
     split = pd.read_csv(config.split)
     test = split[split["split"] == "test"]
     classifier = Classifier.load(config.model_dir)
-    probabilities, stats = score_images(classifier, test["path"].tolist())
-    metrics = metrics_for(classifier.spec, test["label"], probabilities)
+    metrics, probabilities, stats, subgroups = assess(classifier, test, config.min_group_size)
     metrics["test_images"] = float(len(test))
     config.report_dir.mkdir(parents=True, exist_ok=True)
+    subgroup_file = config.report_dir / "subgroups.csv"
+    subgroups.to_csv(subgroup_file, index=False)
     metrics_file = config.report_dir / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2))
     plots = _write_plots(config.report_dir, classifier.spec, test["label"], probabilities)
     REFERENCE_FILE.parent.mkdir(parents=True, exist_ok=True)
     reference_table(classifier.spec, stats, probabilities).to_csv(REFERENCE_FILE, index=False)
     run_id = json.loads((config.model_dir / "model.json").read_text())["run_id"]
-    _log_to_mlflow(run_id, metrics, [metrics_file, *plots])
+    _log_to_mlflow(run_id, metrics, [metrics_file, subgroup_file, *plots])
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 

@@ -22,7 +22,7 @@ from components.errors import TumorScopeError
 from components.settings import get_settings
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-COMPARED = ("accuracy", "roc_auc")
+COMPARED = ("accuracy", "roc_auc", "worst_subgroup_sensitivity")
 METRICS_FILE, GATE_FILE, MODEL_SPEC = Path("reports/metrics.json"), Path("reports/gate.json"), Path("models/model.json")
 
 
@@ -43,6 +43,8 @@ def threshold_failures(metrics: dict[str, float], config: RegisterConfig) -> lis
         "specificity": config.min_specificity,
         "roc_auc": config.min_auc,
     }
+    if "worst_subgroup_sensitivity" in metrics:  # only where the data has subgroups big enough to judge
+        required["worst_subgroup_sensitivity"] = config.min_subgroup_sensitivity
     return [
         f"{name} {metrics.get(name, float('nan')):.4f} is below the required {minimum}"
         for name, minimum in required.items()
@@ -55,7 +57,7 @@ def comparison_failures(candidate: dict[str, float], champion: dict[str, float],
     return [
         f"{name} {candidate[name]:.4f} is worse than the champion's {champion[name]:.4f} on the same test images"
         for name in COMPARED
-        if candidate[name] < champion[name] - tolerance
+        if name in candidate and name in champion and candidate[name] < champion[name] - tolerance
     ]
 
 
@@ -75,11 +77,11 @@ def _champion(client, name: str):
         return None
 
 
-def rescore_champion(version, test: pd.DataFrame) -> dict[str, float]:
+def rescore_champion(version, test: pd.DataFrame, min_group_size: int) -> dict[str, float]:
     """The champion's metrics on *this* test split, so the comparison is like for like."""
     import mlflow
 
-    from components.evaluate import metrics_for, score_images
+    from components.evaluate import assess
     from components.model import Classifier, ModelSpec
 
     spec = ModelSpec.model_validate(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/tumorscope/model.json"))
@@ -89,16 +91,15 @@ def rescore_champion(version, test: pd.DataFrame) -> dict[str, float]:
             "set register.model_name to a new name for a different task"
         )
     net = mlflow.pytorch.load_model(f"models:/{version.name}/{version.version}", map_location="cpu")
-    probabilities, _ = score_images(Classifier(spec, net), test["path"].tolist())
-    return metrics_for(spec, test["label"], probabilities)
+    return assess(Classifier(spec, net), test, min_group_size)[0]
 
 
-def _rescore_or_explain(champion, test: pd.DataFrame) -> tuple[dict[str, float] | None, str]:
+def _rescore_or_explain(champion, test: pd.DataFrame, min_group_size: int) -> tuple[dict[str, float] | None, str]:
     """The champion's metrics, or why they could not be had (then the gate refuses: no blind replacement)."""
     if champion is None:
         return None, ""
     try:
-        return rescore_champion(champion, test), ""
+        return rescore_champion(champion, test, min_group_size), ""
     except TumorScopeError:
         raise
     except Exception as exc:  # a champion that cannot be loaded or run is a finding, not a crash
@@ -108,7 +109,7 @@ def _rescore_or_explain(champion, test: pd.DataFrame) -> tuple[dict[str, float] 
         )
 
 
-def run(config: RegisterConfig, split_file: Path = Path("data/split.csv")) -> GateDecision:
+def run(config: RegisterConfig, split_file: Path = Path("data/split.csv"), min_group_size: int = 20) -> GateDecision:
     import mlflow
 
     settings = get_settings()
@@ -118,7 +119,7 @@ def run(config: RegisterConfig, split_file: Path = Path("data/split.csv")) -> Ga
     trained = json.loads(MODEL_SPEC.read_text())
     champion = _champion(client, config.model_name)
     test = pd.read_csv(split_file).query("split == 'test'")
-    champion_metrics, unscored = _rescore_or_explain(champion, test)
+    champion_metrics, unscored = _rescore_or_explain(champion, test, min_group_size)
     decision = decide(metrics, config, champion_metrics)
     if unscored:
         decision.promoted = False
@@ -157,7 +158,8 @@ def _record(decision: GateDecision, config: RegisterConfig, trained: dict) -> No
 def main() -> None:
     from components.stage import run_stage
 
-    run_stage(lambda: run(load_params().register_))
+    params = load_params()
+    run_stage(lambda: run(params.register_, min_group_size=params.evaluate.min_group_size))
 
 
 if __name__ == "__main__":

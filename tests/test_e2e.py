@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 TINY = {
     "synth": {"subjects": 48, "slices_per_subject": 2, "image_size": 64},
     "train": {"image_size": 48, "epochs": 2, "batch_size": 16, "channels": [8, 16, 32, 32], "patience": 2},
-    "register": {"min_accuracy": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0, "min_auc": 0.0, "tolerance": 1.0},
+    "register": {"min_accuracy": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0, "min_auc": 0.0, "min_subgroup_sensitivity": 0.0, "tolerance": 1.0},
     "monitor": {"window": 40, "min_samples": 20},
 }
 

@@ -19,3 +19,11 @@ def test_each_missed_threshold_is_a_reason():
 def test_worse_than_champion_on_same_data_is_refused_within_tolerance_is_not():
     assert not decide(GOOD, CONFIG, {**GOOD, "roc_auc": 0.97}).promoted
     assert decide(GOOD, CONFIG, {**GOOD, "roc_auc": 0.955}).promoted
+
+
+def test_worst_subgroup_sensitivity_is_a_threshold_and_a_comparison_where_measured():
+    fair = {**GOOD, "worst_subgroup_sensitivity": 0.85}
+    assert decide(fair, CONFIG, None).promoted
+    assert not decide({**GOOD, "worst_subgroup_sensitivity": 0.6}, CONFIG, None).promoted
+    assert not decide(fair, CONFIG, {**GOOD, "worst_subgroup_sensitivity": 0.95}).promoted
+    assert decide(GOOD, CONFIG, {**GOOD, "worst_subgroup_sensitivity": 0.95}).promoted  # not measured here: not compared
