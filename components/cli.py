@@ -236,5 +236,23 @@ def retrain(workdir: Workspace = Path(".")) -> None:
     _print_summary(_result(training(workdir=str(root), force_from="train", return_state=True)), root)
 
 
+@app.command()
+def rollback(workdir: Workspace = Path(".")) -> None:
+    """Move the champion alias back to the previous champion (from .tumorscope/promotions.jsonl) and rebuild the bento."""
+    import subprocess
+
+    root = _enter(workdir)
+    from components.config import load_params
+    from components.register import rollback as roll_back
+    from flows.training import stage_env
+
+    try:
+        entry = roll_back(load_params().register_.model_name)
+    except TumorScopeError as exc:
+        _fail(str(exc))
+    typer.echo(f"champion of {entry['model_name']}: version {entry['from_version']} -> {entry['to_version']}; rebuilding the bento")
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "components.package"], env=stage_env(root)))
+
+
 if __name__ == "__main__":
     app()

@@ -155,6 +155,43 @@ def _record(decision: GateDecision, config: RegisterConfig, trained: dict) -> No
         handle.write(json.dumps(entry) + "\n")
 
 
+def _promotions() -> list[dict]:
+    log = get_settings().state_dir / "promotions.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+
+
+def rollback(model_name: str) -> dict:
+    """Move ``champion`` back to the version that held it before the current one, and log the move.
+
+    The promotion log is the history (MLflow keeps none of alias moves); a rollback
+    is itself logged, so a second rollback goes one step further back.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(get_settings().tracking_uri)
+    client = mlflow.MlflowClient()
+    current = _champion(client, model_name)
+    if current is None:
+        raise TumorScopeError(f"registry: {model_name} has no '{CHAMPION}' to roll back")
+    holders = [str(e["candidate_version"]) for e in _promotions() if e.get("model_name") == model_name and e.get("promoted")]
+    rolled_back = {str(e["from_version"]) for e in _promotions() if e.get("model_name") == model_name and e.get("action") == "rollback"}
+    earlier = [v for v in holders if v != str(current.version) and v not in rolled_back]
+    if not earlier:
+        raise TumorScopeError(f"registry: no earlier champion of {model_name} to roll back to (promotion log: {len(holders)} promotions)")
+    target = earlier[-1]
+    client.set_registered_model_alias(model_name, CHAMPION, target)
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model_name": model_name,
+        "action": "rollback",
+        "from_version": str(current.version),
+        "to_version": target,
+    }
+    with (get_settings().state_dir / "promotions.jsonl").open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    return entry
+
+
 def main() -> None:
     from components.stage import run_stage
 

@@ -21,7 +21,14 @@ pytestmark = pytest.mark.slow
 TINY = {
     "synth": {"subjects": 48, "slices_per_subject": 2, "image_size": 64},
     "train": {"image_size": 48, "epochs": 2, "batch_size": 16, "channels": [8, 16, 32, 32], "patience": 2},
-    "register": {"min_accuracy": 0.0, "min_sensitivity": 0.0, "min_specificity": 0.0, "min_auc": 0.0, "min_subgroup_sensitivity": 0.0, "tolerance": 1.0},
+    "register": {
+        "min_accuracy": 0.0,
+        "min_sensitivity": 0.0,
+        "min_specificity": 0.0,
+        "min_auc": 0.0,
+        "min_subgroup_sensitivity": 0.0,
+        "tolerance": 1.0,
+    },
     "monitor": {"window": 40, "min_samples": 20},
 }
 
@@ -79,6 +86,21 @@ def test_nothing_changed_is_a_no_op_and_a_train_param_reruns_train_onward(worksp
     rerun = dvc(workspace, "repro")
     ran = {line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")}
     assert ran == {"train", "evaluate", "register", "package"}
+
+
+def test_batch_prediction_writes_one_row_per_image_with_class_probabilities(workspace: Path, tmp_path: Path):
+    out = tmp_path / "preds.csv"
+    folder = workspace / "data" / "synth" / "tumor"
+    result = tumorscope(workspace, "predict", str(folder), "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    import pandas as pd
+
+    predictions = pd.read_csv(out)
+    assert list(predictions.columns) == ["path", "predicted_label", "confidence", "prob_notumor", "prob_tumor"]
+    assert len(predictions) == len(list(folder.glob("*.png")))
+    assert ((predictions["prob_notumor"] + predictions["prob_tumor"]) - 1).abs().max() < 1e-4
+    missing = tumorscope(workspace, "predict", str(tmp_path / "nothing.png"))
+    assert missing.returncode == 2 and "not an image file" in missing.stderr
 
 
 def test_metrics_and_plots_show(workspace: Path):
