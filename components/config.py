@@ -56,6 +56,7 @@ class SplitConfig(Section):
     out: Path = Path("data/split.csv")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    folds: int = Field(5, ge=0, le=20)
     seed: int = 42
 
 

@@ -51,15 +51,29 @@ def assign(manifest: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     rest = np.flatnonzero(~test)
     val = _hold_out(labels[rest], groups[rest], config.val_fraction / (1 - config.test_fraction), config.seed + 1)
     split[rest[val]] = "val"
-    return manifest.assign(group=groups, split=split)
+    return manifest.assign(group=groups, split=split, fold=_folds(labels, groups, test, config))
+
+
+def _folds(labels: np.ndarray, groups: np.ndarray, test: np.ndarray, config: SplitConfig) -> np.ndarray:
+    """Cross-validation folds over everything outside the test split (-1 on test rows), grouped and stratified."""
+    fold = np.full(len(labels), -1)
+    rest = np.flatnonzero(~test)
+    if config.folds < 2 or len(np.unique(groups[rest])) < config.folds:
+        return fold
+    splitter = StratifiedGroupKFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(rest)), labels[rest], groups[rest])):
+        fold[rest[held]] = k
+    return fold
 
 
 def check_no_leak(assigned: pd.DataFrame) -> None:
     """Fail loudly if any subject or near-duplicate group spans two splits."""
     for column in ("subject", "duplicate_group"):
         spans = assigned.groupby(column)["split"].nunique()
+        if "fold" in assigned.columns:
+            spans = np.maximum(spans, assigned.groupby(column)["fold"].nunique())
         if (spans > 1).any():
-            raise TumorScopeError(f"leak: {int((spans > 1).sum())} {column} values span more than one split")
+            raise TumorScopeError(f"leak: {int((spans > 1).sum())} {column} values span more than one split or fold")
 
 
 def run(config: SplitConfig) -> pd.DataFrame:

@@ -35,6 +35,14 @@ def test_split_is_leak_free_stratified_and_stable():
     assert 0.1 < (first["split"] == "test").mean() < 0.3
 
 
+def test_folds_cover_train_and_val_and_keep_groups_whole():
+    assigned = assign(_manifest(), SplitConfig(folds=4))
+    outside_test = assigned[assigned["split"] != "test"]
+    assert set(outside_test["fold"]) == {0, 1, 2, 3}
+    assert (assigned.loc[assigned["split"] == "test", "fold"] == -1).all()
+    assert outside_test.groupby("group")["fold"].nunique().max() == 1
+
+
 def test_leak_check_catches_a_subject_spanning_splits():
     assigned = assign(_manifest(), SplitConfig())
     test_subject = assigned.loc[assigned["split"] == "test", "subject"].iloc[0]
