@@ -39,6 +39,7 @@ class IngestConfig(Section):
     format: Literal["auto", "folders", "lgg"] = "auto"
     out: Path = Path("data/manifest.csv")
     duplicate_correlation: float = Field(0.97, gt=0, le=1)
+    cache_dir: Path | None = None  # default: a cache/ folder beside the manifest
 
 
 class ValidateConfig(Section):

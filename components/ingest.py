@@ -16,6 +16,7 @@ there are too many.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,20 +139,53 @@ def _label_from_mask(entry: Entry) -> str:
     return TUMOUR if read_slice(entry.mask).max() > 0 else NO_TUMOUR
 
 
-def describe(entry: Entry, key: bytes) -> tuple[dict, np.ndarray]:
+class PixelCache:
+    """What reading an image yields (statistics, thumbnail, mask label), keyed on the file's path, size and
+    modification time, so a rerun over unchanged files reads none of them again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, tuple] = {}
+        if path.exists():
+            try:
+                with np.load(path, allow_pickle=True) as stored:
+                    self.entries = stored["entries"].item()
+            except (OSError, ValueError, KeyError):
+                self.entries = {}  # an unreadable cache is only a slower run
+
+    @staticmethod
+    def key(entry: Entry) -> str:
+        files = [entry.path, *([entry.mask] if entry.mask else [])]
+        return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists())
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(self.path, entries=np.array(self.entries, dtype=object))
+
+
+def _pixels(entry: Entry, cache: PixelCache) -> tuple[dict, np.ndarray, str | None]:
+    key = cache.key(entry)
+    if key not in cache.entries:
+        image = read_slice(entry.path, name=entry.relative)
+        mask_label = None if entry.label or entry.mask is None else _label_from_mask(entry)
+        cache.entries[key] = (slice_stats(image), thumbnail(image), mask_label)
+    return cache.entries[key]
+
+
+def describe(entry: Entry, key: bytes, cache: PixelCache) -> tuple[dict, np.ndarray]:
     """Manifest record and dedup thumbnail of one image; raises DataError for a bad file."""
-    image = read_slice(entry.path, name=entry.relative)
+    stats, thumb, mask_label = _pixels(entry, cache)
     record = {
         "image_id": pseudonym(entry.relative, key, "img-"),
         "subject": pseudonym(entry.subject or entry.relative, key, "sub-"),
-        "label": entry.label or _label_from_mask(entry),
+        "label": entry.label or mask_label or _label_from_mask(entry),
         "path": str(entry.path.resolve()),
         "mask_path": str(entry.mask.resolve()) if entry.mask else "",
         "source_split": entry.source_split,
-        **slice_stats(image),
+        **stats,
         **entry.extra,
     }
-    return record, thumbnail(image)
+    return record, thumb
 
 
 def run(config: IngestConfig, progress: bool = False) -> IngestResult:
@@ -159,15 +193,19 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     layout = detect_format(root) if config.format == "auto" else config.format
     entries = ADAPTERS[layout](root)
     key = get_settings().secret_key()
+    cache = PixelCache(
+        (config.cache_dir or config.out.parent / "cache") / f"ingest-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.npz"
+    )
     records, thumbs, quarantined = [], [], []
     for entry in _track(entries, progress, f"reading {layout} images"):
         try:
-            record, thumb = describe(entry, key)
+            record, thumb = describe(entry, key, cache)
         except DataError as exc:
             quarantined.append({"image_id": pseudonym(entry.relative, key, "img-"), "file": entry.relative, "problem": exc.problem})
             continue
         records.append(record)
         thumbs.append(thumb)
+    cache.save()
     if not records:
         raise DataError(root, "no readable images")
     manifest = pd.DataFrame(records)

@@ -92,3 +92,19 @@ def test_lgg_slice_without_mask_is_quarantined(tmp_path: Path):
     result = run(IngestConfig(source=root, out=tmp_path / "m.csv", format="lgg"))
     assert len(result.manifest) == 1
     assert "no mask file" in result.quarantined["problem"].iloc[0]
+
+
+def test_a_rerun_reads_only_new_or_changed_files(tiny_cohort: Path, tmp_path: Path, monkeypatch):
+    import components.ingest as ingest_module
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_cohort, root)
+    first = run(IngestConfig(source=root, out=tmp_path / "m.csv")).manifest
+    changed = next((root / "tumor").glob("*.png"))
+    changed.write_bytes(b"now broken")
+    reads = []
+    real_read = ingest_module.read_slice
+    monkeypatch.setattr(ingest_module, "read_slice", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    second = run(IngestConfig(source=root, out=tmp_path / "m.csv"))
+    assert reads == [changed]
+    assert len(second.manifest) == len(first) - 1 and len(second.quarantined) == 1
