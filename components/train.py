@@ -57,7 +57,7 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
         def training_step(self, batch, _):
             x, y = batch
             loss = self.loss(self(x), y)
-            self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+            self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
             self._train_losses.append(float(loss))
             return loss
 
@@ -68,17 +68,24 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
             self._val_outputs.append((torch.softmax(logits, 1).detach(), y))
 
         def on_validation_epoch_end(self):
-            probs = torch.cat([p for p, _ in self._val_outputs]).cpu().numpy()
-            labels = torch.cat([y for _, y in self._val_outputs]).cpu().numpy()
+            probs, labels = self._gathered()
             self._val_outputs.clear()
-            val_loss = self.trainer.callback_metrics.get("val_loss")
             epoch = {"val_accuracy": float((probs.argmax(1) == labels).mean())}
             is_tumour = labels != spec.tumour_free_index
             if 0 < is_tumour.sum() < len(labels):
                 epoch["val_auc"] = float(roc_auc_score(is_tumour, 1 - probs[:, spec.tumour_free_index]))
-            self.log_dict(epoch, sync_dist=True)
+            self.log_dict(epoch)  # already computed over every rank's predictions
             if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-                self._print_epoch({"val_loss": float(val_loss) if val_loss is not None else float("nan"), **epoch})
+                val_loss = float(self.loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)), torch.from_numpy(labels)))
+                self._print_epoch({"val_loss": val_loss, **epoch})
+
+        def _gathered(self) -> tuple[np.ndarray, np.ndarray]:
+            """Validation outputs of all ranks (under DDP each rank saw a shard), on every rank."""
+            probs = torch.cat([p for p, _ in self._val_outputs])
+            labels = torch.cat([y for _, y in self._val_outputs])
+            if self.trainer.world_size > 1:
+                probs, labels = self.all_gather(probs).flatten(0, 1), self.all_gather(labels).flatten()
+            return probs.cpu().numpy(), labels.cpu().numpy()
 
         def _print_epoch(self, epoch: dict) -> None:
             """One line per epoch, so DVC and Prefect logs show progress without a TTY."""
