@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.imaging import prepare, read_slice
+from components.imaging import code_version, prepare, read_slice
 
 CACHE_DIR = Path("data/cache")
 
 
 def _cache_key(frame: pd.DataFrame, image_size: int) -> str:
-    digest = hashlib.sha256(f"{image_size}".encode())
+    """Files (path, size, modification time), input size and the preparing code, hashed."""
+    digest = hashlib.sha256(f"{image_size}:{code_version()}".encode())
     for image_id, path in zip(frame["image_id"], frame["path"]):
-        digest.update(f"{image_id}:{path}".encode())
+        stat = Path(path).stat() if Path(path).exists() else None
+        digest.update(f"{image_id}:{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:20]
 
 
@@ -30,7 +32,9 @@ def prepared_images(frame: pd.DataFrame, image_size: int, cache_dir: Path = CACH
     cache = cache_dir / f"{_cache_key(frame, image_size)}.npy"
     if cache.exists():
         return np.load(cache)
-    array = np.stack([prepare(read_slice(path), image_size) for path in frame["path"]])[:, None]
+    # errors name the image by its pseudonym: source paths can carry patient IDs
+    images = (read_slice(path, name=image_id) for path, image_id in zip(frame["path"], frame["image_id"]))
+    array = np.stack([prepare(image, image_size) for image in images])[:, None]
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, array)
     return array

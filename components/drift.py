@@ -58,7 +58,12 @@ class DriftDetector:
 
         if self.reference is None:
             raise RuntimeError("fit the detector on reference data first")
-        report = Report([DataDriftPreset(columns=self.numerical + self.categorical, drift_share=self.drift_share)])
+        # K-S and chi-square at every sample size: Evidently's default switches to distances above 1,000
+        # rows, where a high value means drift and the p-value reading below would invert.
+        preset = DataDriftPreset(
+            columns=self.numerical + self.categorical, drift_share=self.drift_share, num_method="ks", cat_method="chisquare"
+        )
+        report = Report([preset])
         snapshot = report.run(current_data=self._dataset(current), reference_data=self._dataset(self.reference))
         return _read(snapshot)
 

@@ -38,9 +38,9 @@ def binary_metrics(is_tumour: np.ndarray, score: np.ndarray, threshold: float = 
     }
 
 
-def score_images(classifier: Classifier, paths: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
-    """Class probabilities and raw-image statistics for each file."""
-    images = [read_slice(path) for path in paths]
+def score_images(classifier: Classifier, paths: list[str], names: list[str] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """Class probabilities and raw-image statistics for each file (``names`` label errors instead of paths)."""
+    images = [read_slice(path, name=name) for path, name in zip(paths, names or paths)]
     return classifier.predict_proba(images), pd.DataFrame([slice_stats(image) for image in images])
 
 
@@ -55,7 +55,7 @@ def assess(classifier: Classifier, test: pd.DataFrame, min_group_size: int) -> t
     from components.fairness import subgroup_table, summary
 
     spec = classifier.spec
-    probabilities, stats = score_images(classifier, test["path"].tolist())
+    probabilities, stats = score_images(classifier, test["path"].tolist(), test["image_id"].tolist())
     metrics = metrics_for(spec, test["label"], probabilities)
     is_tumour = (test["label"] != spec.classes[spec.tumour_free_index]).to_numpy()
     subgroups = subgroup_table(test, is_tumour, tumour_probability(probabilities, spec) >= 0.5)

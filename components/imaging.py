@@ -6,6 +6,7 @@ prepared exactly as the images the model learnt from.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def read_slice(source: str | Path | bytes, name: str | None = None) -> np.ndarra
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(handle) as image:
             image.load()
+            if image.mode not in ("L", "RGB", "I;16", "I;16B", "I", "F"):  # palette, alpha, CMYK: read as gray
+                image = image.convert("L")
             array = np.asarray(image)
     except FileNotFoundError:
         raise DataError(label, "file not found") from None
@@ -37,6 +40,8 @@ def read_slice(source: str | Path | bytes, name: str | None = None) -> np.ndarra
 
 
 def _to_unit_gray(array: np.ndarray, label: str) -> np.ndarray:
+    # the full range of the stored type, not of this image, so slices of one series stay comparable
+    top = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
     if array.ndim == 3:
         array = array[..., :3].mean(axis=-1)
     if array.ndim != 2 or min(array.shape) < 2:
@@ -44,7 +49,6 @@ def _to_unit_gray(array: np.ndarray, label: str) -> np.ndarray:
     array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise DataError(label, "image holds NaN or infinite values")
-    top = 255.0 if array.max() <= 255 else float(np.iinfo(np.uint16).max)
     return np.clip(array / top, 0.0, 1.0)
 
 
@@ -72,6 +76,17 @@ def prepare(image: np.ndarray, size: int) -> np.ndarray:
     if high - low < 1e-6:
         return np.zeros_like(resized)
     return np.clip((resized - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def code_version(*modules: str) -> str:
+    """A short hash of these modules' source: caches of derived pixels are void once the code changes."""
+    import importlib
+    import inspect
+
+    digest = hashlib.sha256()
+    for module in ("components.imaging", *modules):
+        digest.update(inspect.getsource(importlib.import_module(module)).encode())
+    return digest.hexdigest()[:12]
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -27,7 +27,7 @@ import pandas as pd
 from components.config import NO_TUMOUR, IngestConfig, load_params
 from components.dedup import duplicate_groups, thumbnail
 from components.errors import DataError
-from components.imaging import IMAGE_SUFFIXES, list_images, read_slice, slice_stats
+from components.imaging import IMAGE_SUFFIXES, code_version, list_images, read_slice, slice_stats
 from components.privacy import pseudonym
 from components.settings import get_settings
 
@@ -72,9 +72,12 @@ def find_class_folders(root: Path) -> list[tuple[Path, str | None]]:
     return found
 
 
-def _read_csv(path: Path, required: str) -> pd.DataFrame:
+def _read_csv(path: Path, required: str, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV whose identifier columns stay text (subject 0101 is not subject 101)."""
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype={column: str for column in text_columns})
+    except FileNotFoundError:
+        raise DataError(path, "not found") from None
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(path, f"not a readable CSV ({exc.__class__.__name__})") from None
     if required not in table.columns:
@@ -84,7 +87,7 @@ def _read_csv(path: Path, required: str) -> pd.DataFrame:
 
 def folder_entries(root: Path) -> list[Entry]:
     metadata_file = root / "metadata.csv"
-    metadata = _read_csv(metadata_file, "file").set_index("file") if metadata_file.exists() else None
+    metadata = _read_csv(metadata_file, "file", ("file", "subject_id", "mask")).set_index("file") if metadata_file.exists() else None
     entries = []
     for folder, split in find_class_folders(root):
         for path in list_images(folder):
@@ -92,7 +95,7 @@ def folder_entries(root: Path) -> list[Entry]:
             entry = Entry(path, relative, label=folder.name, source_split=split or "")
             if metadata is not None and relative in metadata.index:
                 row = metadata.loc[relative]
-                entry.subject = row.get("subject_id") if isinstance(row.get("subject_id"), str) else None
+                entry.subject = row.get("subject_id") if pd.notna(row.get("subject_id")) else None
                 entry.mask = root / row["mask"] if isinstance(row.get("mask"), str) else None
                 entry.extra = {column: row[column] for column in METADATA_COLUMNS if column in row.index}
             entries.append(entry)
@@ -105,7 +108,7 @@ def _is_mask(path: Path) -> bool:
 
 def lgg_entries(root: Path) -> list[Entry]:
     """Slices with a sibling ``_mask`` file; label from the mask, clinical columns from data.csv."""
-    clinical = _read_csv(root / LGG_CLINICAL, "Patient").set_index("Patient")
+    clinical = _read_csv(root / LGG_CLINICAL, "Patient", ("Patient",)).set_index("Patient")
     entries = []
     for study in sorted(p for p in root.iterdir() if p.is_dir()):
         masks = {p.stem.removesuffix("_mask"): p for p in study.iterdir() if _is_mask(p) and p.suffix.lower() in IMAGE_SUFFIXES}
@@ -193,9 +196,9 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     layout = detect_format(root) if config.format == "auto" else config.format
     entries = ADAPTERS[layout](root)
     key = get_settings().secret_key()
-    cache = PixelCache(
-        (config.cache_dir or config.out.parent / "cache") / f"ingest-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.npz"
-    )
+    source_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    cache_name = f"ingest-{source_key}-{code_version('components.dedup')}.npz"
+    cache = PixelCache((config.cache_dir or config.out.parent / "cache") / cache_name)
     records, thumbs, quarantined = [], [], []
     for entry in _track(entries, progress, f"reading {layout} images"):
         try:

@@ -56,8 +56,11 @@ def run(config: PackageConfig, model_name: str) -> dict:
 def main() -> None:
     from components.stage import run_stage
 
-    params = load_params()
-    run_stage(lambda: run(params.package, params.register_.model_name))
+    def work() -> dict:
+        params = load_params()
+        return run(params.package, params.register_.model_name)
+
+    run_stage(work)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def _rescore_or_explain(champion, test: pd.DataFrame, min_group_size: int) -> tu
     except Exception as exc:  # a champion that cannot be loaded or run is a finding, not a crash
         return (
             None,
-            f"the champion (version {champion.version}) could not be re-scored on this test split ({exc.__class__.__name__}: {exc})",
+            f"the champion (version {champion.version}) could not be re-scored on this test split ({exc.__class__.__name__}; details withheld: they can hold file paths)",
         )
 
 
@@ -195,8 +195,11 @@ def rollback(model_name: str) -> dict:
 def main() -> None:
     from components.stage import run_stage
 
-    params = load_params()
-    run_stage(lambda: run(params.register_, min_group_size=params.evaluate.min_group_size))
+    def work() -> GateDecision:
+        params = load_params()
+        return run(params.register_, min_group_size=params.evaluate.min_group_size)
+
+    run_stage(work)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
                 epoch["val_auc"] = float(roc_auc_score(is_tumour, 1 - probs[:, spec.tumour_free_index]))
             self.log_dict(epoch)  # already computed over every rank's predictions
             if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-                val_loss = float(self.loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)), torch.from_numpy(labels)))
+                log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-7)).to(self.device)
+                val_loss = float(self.loss(log_probs, torch.from_numpy(labels).to(self.device)))
                 self._print_epoch({"val_loss": val_loss, **epoch})
 
         def _gathered(self) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +118,15 @@ def _loaders(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
             raise DataError(config.split, f"the {part} split is empty")
         transform = augmentations() if shuffle and config.augment else None
         dataset = SliceDataset(prepared_images(rows, config.image_size), rows["label"].map(index).to_numpy(), transform)
-        loaders.append(DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, num_workers=0, drop_last=shuffle))
+        loaders.append(
+            DataLoader(
+                dataset,
+                batch_size=config.batch_size,
+                shuffle=shuffle,
+                num_workers=0,
+                drop_last=shuffle and len(dataset) > config.batch_size,
+            )
+        )
     return loaders
 
 

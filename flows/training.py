@@ -18,11 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
+from components.config import load_params
+from components.errors import TumorScopeError
 from components.settings import apply_runtime_env
 from components.stage import ERROR_MARK
 
@@ -56,18 +57,27 @@ def run_stage(stage: str, workdir: str, force: bool = False) -> dict:
         print(f"[{stage}] {line.rstrip()}", flush=True)
     code = process.wait()
     outcome = {"stage": stage, "seconds": round(time.perf_counter() - started, 1)}
-    errors = [line.split(ERROR_MARK, 1)[1].strip() for line in lines if ERROR_MARK in line]
+    errors = stage_error(lines)
     if code != 0 and errors:
-        return {**outcome, "status": "failed", "error": "\n".join(errors)}
+        return {**outcome, "status": "failed", "error": errors}
     if code != 0:
         raise RuntimeError(f"stage '{stage}' crashed (exit {code}):\n" + "\n".join(lines[-15:]))
     return {**outcome, "status": "up to date" if any(SKIPPED_MARK in line for line in lines) else "ran"}
 
 
+def stage_error(lines: list[str]) -> str:
+    """The stage's own error message: the marked line and its indented detail lines."""
+    for index, line in enumerate(lines):
+        if ERROR_MARK in line:
+            details = [d.strip() for d in lines[index + 1 :] if d.startswith((" ", "\t")) and d.strip()]
+            return "\n".join([line.split(ERROR_MARK, 1)[1].strip(), *details])
+    return ""
+
+
 def pipeline_stages(workdir: Path) -> list[str]:
     """All stages, minus the synthetic cohort when the data comes from elsewhere."""
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    uses_synth = Path(params["ingest"]["source"]) == Path(params["synth"]["out"])
+    params = load_params(workdir / "params.yaml")
+    uses_synth = params.ingest.source == params.synth.out
     return [stage for stage in STAGES if uses_synth or stage != "synth"]
 
 
@@ -105,7 +115,10 @@ def training(workdir: str = ".", force_from: str | None = None) -> dict:
     is that problem (no traceback); later stages do not run.
     """
     root = Path(workdir).resolve()
-    stages = pipeline_stages(root)
+    try:
+        stages = pipeline_stages(root)
+    except TumorScopeError as exc:
+        return Failed(message=str(exc))
     if force_from is not None and force_from not in stages:
         return Failed(message=f"force_from: unknown stage '{force_from}' (stages: {', '.join(stages)})")
     forced = stages[stages.index(force_from) :] if force_from else []

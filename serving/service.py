@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from bentoml.exceptions import BentoMLException
 
 with bentoml.importing():
     from components.errors import DataError
+    from components.fairness import AGE_BANDS
     from components.imaging import read_slice, slice_stats
     from components.model import Classifier, tumour_probability
     from components.predictions import PredictionLog
@@ -33,6 +35,7 @@ from serving.guard import UploadGuard
 BENTO_MODEL = os.environ.get("TUMORSCOPE_BENTO_MODEL", "tumorscope-classifier")
 MAX_UPLOAD_BYTES = int(os.environ.get("TUMORSCOPE_MAX_UPLOAD_BYTES", 20 * 1024 * 1024))
 REVIEW_BELOW_CONFIDENCE = float(os.environ.get("TUMORSCOPE_REVIEW_BELOW_CONFIDENCE", 0.7))
+SITE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
 IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 
 
@@ -51,6 +54,19 @@ def read_upload(path: Path) -> bytes:
     if not any(data.startswith(signature) for signature in IMAGE_SIGNATURES):
         raise _refuse(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported file type: send a PNG, JPEG or TIFF slice")
     return data
+
+
+def checked_subgroups(age_band: str | None, sex: str | None, site: str | None) -> dict:
+    """Subgroup labels from closed vocabularies only, so no free text (a name, an ID) reaches the log."""
+    allowed = {"age_band": set(AGE_BANDS[1]), "sex": {"F", "M"}}
+    values = {"age_band": age_band, "sex": sex, "site": site}
+    for field, value in values.items():
+        if value is None:
+            continue
+        if (field in allowed and value not in allowed[field]) or (field == "site" and not SITE_PATTERN.fullmatch(value)):
+            expected = sorted(allowed[field]) if field in allowed else "a site code of letters, digits, '-', '_' (≤ 32)"
+            raise _refuse(HTTPStatus.UNPROCESSABLE_ENTITY, f"{field}: not one of {expected}")
+    return values
 
 
 def review_reason(confidence: float, stats: dict[str, float]) -> str | None:
@@ -87,9 +103,9 @@ class TumorScope:
             pixels = read_slice(data, name="upload")
         except DataError as exc:
             raise _refuse(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        subgroups = checked_subgroups(age_band, sex, site)
         probabilities = self.classifier.predict_proba([pixels])[0]
         answer = self._answer(probabilities, slice_stats(pixels))
-        subgroups = {"age_band": age_band, "sex": sex, "site": site}
         self._record(answer, data, {**slice_stats(pixels), **subgroups}, started)
         return answer
 

@@ -23,3 +23,10 @@ def test_shifted_columns_are_found_and_unshifted_data_is_quiet():
     assert same.drifted_share < 0.5
     assert set(moved.drifted_columns) >= {"a", "b"} and moved.drifted_share >= 0.5
     assert moved.p_values["a"] < 0.05 < same.p_values["c"]
+
+
+def test_large_samples_keep_the_p_value_reading_the_right_way_round():
+    rng = np.random.default_rng(1)
+    detector = DriftDetector(["a", "b", "c"], ["label"], drift_share=0.5).fit(_frame(rng, 1500))
+    assert detector.score(_frame(rng, 1200)).drifted_share < 0.5
+    assert {"a", "b"} <= set(detector.score(_frame(rng, 1200, shift=0.5)).drifted_columns)

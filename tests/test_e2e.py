@@ -160,7 +160,7 @@ def test_feedback_and_subgroups_are_recorded(workspace: Path, endpoint: str):
     image = next((workspace / "data" / "synth" / "notumor").glob("*.png"))
     with image.open("rb") as handle:
         answer = httpx.post(
-            f"{endpoint}/predict", files={"image": (image.name, handle)}, data={"sex": "F", "age_band": "60-69"}, timeout=30
+            f"{endpoint}/predict", files={"image": (image.name, handle)}, data={"sex": "F", "age_band": "60+", "site": "site-A"}, timeout=30
         )
     prediction_id = answer.json()["prediction_id"]
     stored = httpx.post(f"{endpoint}/feedback", json={"prediction_id": prediction_id, "label": "notumor"}, timeout=30)
@@ -169,7 +169,12 @@ def test_feedback_and_subgroups_are_recorded(workspace: Path, endpoint: str):
     assert httpx.post(f"{endpoint}/feedback", json={"prediction_id": prediction_id, "label": "cat"}, timeout=30).status_code == 422
     with sqlite3.connect(workspace / "data" / "predictions.sqlite") as db:
         row = db.execute("SELECT sex, age_band, feedback_label FROM predictions WHERE prediction_id = ?", (prediction_id,)).fetchone()
-    assert row == ("F", "60-69", "notumor")
+    assert row == ("F", "60+", "notumor")
+    with image.open("rb") as handle:
+        free_text = httpx.post(
+            f"{endpoint}/predict", files={"image": (image.name, handle)}, data={"site": "Jane Doe, MRN 12345"}, timeout=30
+        )
+    assert free_text.status_code == 422 and "site" in free_text.text
 
 
 def test_bad_uploads_get_clear_4xx(endpoint: str, tmp_path: Path):

@@ -45,3 +45,11 @@ def test_stats_are_raw_intensity():
     stats = slice_stats(image)
     assert stats["width"] == 20 and stats["height"] == 10
     assert stats["mean"] == pytest.approx(0.25) and stats["std"] == pytest.approx(0.0)
+
+
+def test_palette_and_16_bit_images_are_read_by_their_type(tmp_path: Path):
+    gray = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    Image.fromarray(gray).convert("P").save(tmp_path / "p.png")
+    np.testing.assert_allclose(read_slice(tmp_path / "p.png"), gray / 255, atol=0.02)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    np.testing.assert_allclose(read_slice(tmp_path / "sixteen.png"), gray / 255, atol=1e-3)

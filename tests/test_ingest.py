@@ -108,3 +108,14 @@ def test_a_rerun_reads_only_new_or_changed_files(tiny_cohort: Path, tmp_path: Pa
     second = run(IngestConfig(source=root, out=tmp_path / "m.csv"))
     assert reads == [changed]
     assert len(second.manifest) == len(first) - 1 and len(second.quarantined) == 1
+
+
+def test_numeric_subject_ids_keep_a_subjects_images_together(tmp_path: Path):
+    root = tmp_path / "data"
+    for i, label in enumerate(["tumor", "tumor", "notumor"]):
+        _slice(root / label / f"s{i}.png", i)
+    pd.DataFrame({"file": ["tumor/s0.png", "tumor/s1.png", "notumor/s2.png"], "subject_id": ["0101", "0101", "0102"]}).to_csv(
+        root / "metadata.csv", index=False
+    )
+    manifest = run(IngestConfig(source=root, out=tmp_path / "m.csv")).manifest
+    assert manifest["subject"].nunique() == 2
