@@ -128,7 +128,7 @@ def run(config: EvaluateConfig) -> dict[str, float]:
     REFERENCE_FILE.parent.mkdir(parents=True, exist_ok=True)
     reference_table(classifier.spec, stats, probabilities).to_csv(REFERENCE_FILE, index=False)
     run_id = json.loads((config.model_dir / "model.json").read_text())["run_id"]
-    _log_to_mlflow(run_id, metrics, [metrics_file, subgroup_file, *plots])
+    _log_to_mlflow(run_id, metrics, [metrics_file, subgroup_file, REFERENCE_FILE, *plots])
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 

@@ -34,6 +34,7 @@ class MonitorDecision:
     drifted_share: float = 0.0
     drifted_columns: list[str] = field(default_factory=list)
     report_html: str = ""
+    model_version: str | None = None  # the champion whose predictions and reference were compared
     time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
@@ -100,14 +101,43 @@ def _baseline_accuracy() -> float | None:
     return json.loads(METRICS_FILE.read_text()).get("accuracy") if METRICS_FILE.exists() else None
 
 
-def run(config: MonitorConfig, prediction_log: Path | None = None) -> MonitorDecision:
-    if not config.reference.exists():
-        raise DataError(config.reference, "no reference statistics: run the training pipeline first")
+def champion_baseline(model_name: str) -> tuple[str, pd.DataFrame, float | None] | None:
+    """The serving champion's version, its own held-out reference and test accuracy, from MLflow.
+
+    A candidate the gate refused also rewrites data/reference.csv; the champion's copy in its
+    MLflow run is what the served predictions must be compared with.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components.register import CHAMPION
+
+    mlflow.set_tracking_uri(get_settings().tracking_uri)
+    client = mlflow.MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(model_name, CHAMPION)
+        reference = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{champion.run_id}/evaluation/reference.csv"))
+    except (MlflowException, OSError):
+        return None
+    accuracy = client.get_run(champion.run_id).data.metrics.get("test_accuracy")
+    return str(champion.version), reference, accuracy
+
+
+def run(config: MonitorConfig, prediction_log: Path | None = None, model_name: str | None = None) -> MonitorDecision:
     log_path = prediction_log or get_settings().prediction_log_path
     if not log_path.exists():
         raise DataError(log_path, "no prediction log: nothing has been served yet")
-    current = PredictionLog(log_path).recent(config.window)
-    decision = decide(config, pd.read_csv(config.reference), current, _baseline_accuracy(), _history(config.report_dir))
+    baseline = champion_baseline(model_name) if model_name else None
+    if baseline is not None:
+        version, reference, accuracy = baseline
+        current = PredictionLog(log_path).recent(config.window, model_version=version)
+    elif config.reference.exists():
+        version, reference, accuracy = None, pd.read_csv(config.reference), _baseline_accuracy()
+        current = PredictionLog(log_path).recent(config.window)
+    else:
+        raise DataError(config.reference, "no reference statistics: run the training pipeline first")
+    decision = decide(config, reference, current, accuracy, _history(config.report_dir))
+    decision.model_version = version
     config.report_dir.mkdir(parents=True, exist_ok=True)
     (config.report_dir / DECISION_FILE).write_text(json.dumps(asdict(decision), indent=2))
     with (config.report_dir / HISTORY_FILE).open("a") as history:
@@ -121,7 +151,11 @@ def run(config: MonitorConfig, prediction_log: Path | None = None) -> MonitorDec
 def main() -> None:
     from components.stage import run_stage
 
-    run_stage(lambda: run(load_params().monitor))
+    def work() -> MonitorDecision:
+        params = load_params()
+        return run(params.monitor, model_name=params.register_.model_name)
+
+    run_stage(work)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,9 @@ class PredictionLog:
             pd.read_sql_query("SELECT * FROM predictions ORDER BY time", db).to_parquet(path, index=False)
         return path
 
-    def recent(self, limit: int) -> pd.DataFrame:
-        """The newest ``limit`` records, oldest first."""
+    def recent(self, limit: int, model_version: str | None = None) -> pd.DataFrame:
+        """The newest ``limit`` records (of one model version, if given), oldest first."""
+        where, args = ("WHERE model_version = ?", (model_version,)) if model_version else ("", ())
         with closing(self._connect()) as db:
-            frame = pd.read_sql_query("SELECT * FROM predictions ORDER BY time DESC LIMIT ?", db, params=(limit,))
+            frame = pd.read_sql_query(f"SELECT * FROM predictions {where} ORDER BY time DESC LIMIT ?", db, params=(*args, limit))
         return frame.iloc[::-1].reset_index(drop=True)

@@ -209,6 +209,7 @@ def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: 
     synthesise(SynthConfig(out=tmp_path / "same", subjects=24, image_size=64, seed=101))
     synthesise(SynthConfig(out=tmp_path / "shifted", subjects=24, image_size=64, seed=102, shift="scanner"))
     version_before = read(workspace, "gate.json")["candidate_version"]
+    served = read(workspace, "package.json")["model_version"]
 
     _send_cohort(endpoint, tmp_path / "same", 40)
     quiet = tumorscope(workspace, "monitor")
@@ -222,6 +223,7 @@ def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: 
     assert "retrained" in drifted.stdout
     decision = json.loads((workspace / "reports" / "monitoring" / "decision.json").read_text())
     assert decision["retrain"] and "mean" in decision["drifted_columns"]
+    assert decision["model_version"] == served, "compared with the serving champion's own reference"
     assert (workspace / "reports" / "monitoring" / "drift.html").stat().st_size > 10_000
     assert int(read(workspace, "gate.json")["candidate_version"]) > int(version_before)
 

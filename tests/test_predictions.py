@@ -14,9 +14,11 @@ def test_records_feedback_and_subgroups_round_trip(tmp_path: Path):
     assert not log.add_feedback("missing", "tumor", "2026-02-01")
     recent = log.recent(2)
     assert recent["prediction_id"].tolist() == ["p1", "p2"]
+    log.append({"prediction_id": "other", "time": "2026-01-09", "model_version": "7"})
+    assert log.recent(10, model_version="7")["prediction_id"].tolist() == ["other"]
     assert recent.set_index("prediction_id").loc["p1", "feedback_label"] == "notumor"
     exported = pd.read_parquet(log.export_parquet(tmp_path / "p.parquet"))
-    assert len(exported) == 3 and set(exported["sex"]) == {"F"}
+    assert len(exported) == 4 and set(exported["sex"].dropna()) == {"F"}
 
 
 def test_a_log_from_an_older_version_gains_the_new_columns(tmp_path: Path):
