@@ -9,7 +9,7 @@ import pandas as pd
 
 from components.errors import DataError, TumorScopeError
 from components.imaging import IMAGE_SUFFIXES, list_images, read_slice
-from components.model import Classifier, ModelSpec
+from components.model import Classifier
 
 BATCH = 64
 
@@ -18,21 +18,14 @@ def load_classifier(model: str) -> Classifier:
     """``champion`` (or any alias) from the MLflow registry, or a folder holding model.pt + model.json."""
     if Path(model).is_dir():
         return Classifier.load(Path(model))
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     from components.config import load_params
-    from components.settings import get_settings
+    from components.registry import client, load_version, version_by_alias
 
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
     name = load_params().register_.model_name
-    try:
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, model)
-    except MlflowException:
-        raise TumorScopeError(f"registry: {name} has no alias '{model}' (run the pipeline, or pass --model <folder>)") from None
-    spec = ModelSpec.model_validate(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/tumorscope/model.json"))
-    net = mlflow.pytorch.load_model(f"models:/{name}/{version.version}", map_location="cpu")
-    return Classifier(spec, net)
+    version = version_by_alias(client(), name, model)
+    if version is None:
+        raise TumorScopeError(f"registry: {name} has no alias '{model}' (run the pipeline, or pass --model <folder>)")
+    return load_version(version)
 
 
 def expand(inputs: list[Path]) -> list[Path]:

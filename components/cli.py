@@ -158,7 +158,7 @@ def synth(
 @app.command()
 def ingest(
     source: Annotated[Path, typer.Option(help="Folder of class folders (<root>/<label>/*.png|jpg|tif).")],
-    out: Annotated[Path, typer.Option(help="Manifest CSV to write.")] = Path("data/manifest-adhoc.csv"),
+    out: Annotated[Path, typer.Option(help="Manifest CSV to write.")] = Path("data/adhoc/manifest.csv"),
 ) -> None:
     """Ingest a folder outside the pipeline: reads SOURCE, writes the manifest and quarantine list next to OUT."""
     from components.config import IngestConfig

@@ -30,6 +30,7 @@ from components.errors import DataError
 from components.imaging import IMAGE_SUFFIXES, code_version, list_images, read_slice, slice_stats
 from components.privacy import pseudonym
 from components.settings import get_settings
+from components.stage import track
 
 SPLIT_FOLDERS = {"training": "train", "testing": "test"}
 NOT_A_CLASS = {"masks", "mask", "volumes"}
@@ -200,7 +201,7 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     cache_name = f"ingest-{source_key}-{code_version('components.dedup')}.npz"
     cache = PixelCache((config.cache_dir or config.out.parent / "cache") / cache_name)
     records, thumbs, quarantined = [], [], []
-    for entry in _track(entries, progress, f"reading {layout} images"):
+    for entry in track(entries, progress, f"reading {layout} images"):
         try:
             record, thumb = describe(entry, key, cache)
         except DataError as exc:
@@ -231,14 +232,6 @@ def _print_summary(manifest: pd.DataFrame, quarantine: pd.DataFrame, layout: str
     # the quarantine CSV beside the manifest maps them back to files for whoever fixes the data.
     for row in quarantine.head(10).itertuples():
         print(f"  quarantined {row.image_id}: {row.problem} (file listed in quarantine.csv)")
-
-
-def _track(items: list, progress: bool, description: str):
-    if not progress:
-        return items
-    from rich.progress import track
-
-    return track(items, description=description)
 
 
 def main() -> None:

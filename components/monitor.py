@@ -110,16 +110,17 @@ def champion_baseline(model_name: str) -> tuple[str, pd.DataFrame, float | None]
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from components.register import CHAMPION
+    from components.registry import CHAMPION, client, version_by_alias
 
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
-    client = mlflow.MlflowClient()
+    registry = client()
+    champion = version_by_alias(registry, model_name, CHAMPION)
+    if champion is None:
+        return None
     try:
-        champion = client.get_model_version_by_alias(model_name, CHAMPION)
         reference = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{champion.run_id}/evaluation/reference.csv"))
     except (MlflowException, OSError):
         return None
-    accuracy = client.get_run(champion.run_id).data.metrics.get("test_accuracy")
+    accuracy = registry.get_run(champion.run_id).data.metrics.get("test_accuracy")
     return str(champion.version), reference, accuracy
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from components.config import PackageConfig, load_params
 from components.errors import TumorScopeError
-from components.register import CHAMPION
-from components.settings import get_settings
+from components.registry import CHAMPION
 
 BENTOFILE, PACKAGE_FILE = Path("serving/bentofile.yaml"), Path("reports/package.json")
 
@@ -21,21 +20,18 @@ BENTOFILE, PACKAGE_FILE = Path("serving/bentofile.yaml"), Path("reports/package.
 def save_champion(config: PackageConfig, model_name: str) -> dict:
     """Copy the champion from MLflow into the BentoML model store."""
     import bentoml
-    import mlflow
     import torch
-    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
-    try:
-        champion = mlflow.MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        raise TumorScopeError(f"registry: {model_name} has no '{CHAMPION}' yet: no model has passed the gate") from None
-    spec = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/tumorscope/model.json")
-    net = mlflow.pytorch.load_model(f"models:/{model_name}/{champion.version}", map_location="cpu")
+    from components.registry import client, load_version, version_by_alias
+
+    champion = version_by_alias(client(), model_name, CHAMPION)
+    if champion is None:
+        raise TumorScopeError(f"registry: {model_name} has no '{CHAMPION}' yet: no model has passed the gate")
+    classifier = load_version(champion)
     identity = {"registered_model": model_name, "model_version": str(champion.version), "run_id": champion.run_id}
-    with bentoml.models.create(config.bento_model, labels=identity, metadata={"classes": spec["classes"]}) as model:
-        torch.save(net.state_dict(), model.path_of("model.pt"))
-        Path(model.path_of("model.json")).write_text(json.dumps({**spec, **identity}, indent=2))
+    with bentoml.models.create(config.bento_model, labels=identity, metadata={"classes": classifier.spec.classes}) as model:
+        torch.save(classifier.net.state_dict(), model.path_of("model.pt"))
+        Path(model.path_of("model.json")).write_text(json.dumps({**classifier.spec.model_dump(), **identity}, indent=2))
     return {**identity, "bento_model": str(model.tag)}
 
 

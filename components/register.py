@@ -19,9 +19,9 @@ import pandas as pd
 
 from components.config import RegisterConfig, load_params
 from components.errors import TumorScopeError
+from components.registry import CHALLENGER, CHAMPION, client, load_version, version_by_alias
 from components.settings import get_settings
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 COMPARED = ("accuracy", "roc_auc", "worst_subgroup_sensitivity")
 METRICS_FILE, GATE_FILE, MODEL_SPEC = Path("reports/metrics.json"), Path("reports/gate.json"), Path("models/model.json")
 
@@ -68,30 +68,17 @@ def decide(metrics: dict[str, float], config: RegisterConfig, champion_metrics: 
     return GateDecision(promoted=not reasons, reasons=reasons or ["meets every threshold and is not worse than the champion"])
 
 
-def _champion(client, name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
 def rescore_champion(version, test: pd.DataFrame, min_group_size: int) -> dict[str, float]:
     """The champion's metrics on *this* test split, so the comparison is like for like."""
-    import mlflow
-
     from components.evaluate import assess
-    from components.model import Classifier, ModelSpec
 
-    spec = ModelSpec.model_validate(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/tumorscope/model.json"))
-    if sorted(spec.classes) != sorted(test["label"].unique()):
+    champion = load_version(version)
+    if sorted(champion.spec.classes) != sorted(test["label"].unique()):
         raise TumorScopeError(
-            f"the champion (version {version.version}) predicts {spec.classes}, this data has {sorted(test['label'].unique())}: "
+            f"the champion (version {version.version}) predicts {champion.spec.classes}, this data has {sorted(test['label'].unique())}: "
             "set register.model_name to a new name for a different task"
         )
-    net = mlflow.pytorch.load_model(f"models:/{version.name}/{version.version}", map_location="cpu")
-    return assess(Classifier(spec, net), test, min_group_size)[0]
+    return assess(champion, test, min_group_size)[0]
 
 
 def _rescore_or_explain(champion, test: pd.DataFrame, min_group_size: int) -> tuple[dict[str, float] | None, str]:
@@ -112,12 +99,10 @@ def _rescore_or_explain(champion, test: pd.DataFrame, min_group_size: int) -> tu
 def run(config: RegisterConfig, split_file: Path = Path("data/split.csv"), min_group_size: int = 20) -> GateDecision:
     import mlflow
 
-    settings = get_settings()
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    client = mlflow.MlflowClient()
+    registry = client()
     metrics = json.loads(METRICS_FILE.read_text())
     trained = json.loads(MODEL_SPEC.read_text())
-    champion = _champion(client, config.model_name)
+    champion = version_by_alias(registry, config.model_name, CHAMPION)
     test = pd.read_csv(split_file).query("split == 'test'")
     champion_metrics, unscored = _rescore_or_explain(champion, test, min_group_size)
     decision = decide(metrics, config, champion_metrics)
@@ -126,13 +111,13 @@ def run(config: RegisterConfig, split_file: Path = Path("data/split.csv"), min_g
         decision.reasons = [unscored, *[r for r in decision.reasons if not r.startswith("meets every")]]
     candidate = mlflow.register_model(trained["mlflow_model_uri"], config.model_name)
     decision.candidate_version = str(candidate.version)
-    client.set_registered_model_alias(config.model_name, CHALLENGER, candidate.version)
-    client.set_model_version_tag(config.model_name, candidate.version, "gate", "passed" if decision.promoted else "refused")
-    client.set_model_version_tag(config.model_name, candidate.version, "data_hash", trained["data_hash"])
+    registry.set_registered_model_alias(config.model_name, CHALLENGER, candidate.version)
+    registry.set_model_version_tag(config.model_name, candidate.version, "gate", "passed" if decision.promoted else "refused")
+    registry.set_model_version_tag(config.model_name, candidate.version, "data_hash", trained["data_hash"])
     if champion:
         decision.champion_version, decision.champion_metrics = str(champion.version), champion_metrics
     if decision.promoted:
-        client.set_registered_model_alias(config.model_name, CHAMPION, candidate.version)
+        registry.set_registered_model_alias(config.model_name, CHAMPION, candidate.version)
     _record(decision, config, trained)
     verdict = "promoted to champion" if decision.promoted else "refused; champion unchanged"
     print(f"gate: {config.model_name} version {candidate.version} {verdict}: " + "; ".join(decision.reasons))
@@ -166,20 +151,18 @@ def rollback(model_name: str) -> dict:
     The promotion log is the history (MLflow keeps none of alias moves); a rollback
     is itself logged, so a second rollback goes one step further back.
     """
-    import mlflow
-
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
-    client = mlflow.MlflowClient()
-    current = _champion(client, model_name)
+    registry = client()
+    current = version_by_alias(registry, model_name, CHAMPION)
     if current is None:
         raise TumorScopeError(f"registry: {model_name} has no '{CHAMPION}' to roll back")
-    holders = [str(e["candidate_version"]) for e in _promotions() if e.get("model_name") == model_name and e.get("promoted")]
-    rolled_back = {str(e["from_version"]) for e in _promotions() if e.get("model_name") == model_name and e.get("action") == "rollback"}
+    history = [entry for entry in _promotions() if entry.get("model_name") == model_name]
+    holders = [str(e["candidate_version"]) for e in history if e.get("promoted")]
+    rolled_back = {str(e["from_version"]) for e in history if e.get("action") == "rollback"}
     earlier = [v for v in holders if v != str(current.version) and v not in rolled_back]
     if not earlier:
         raise TumorScopeError(f"registry: no earlier champion of {model_name} to roll back to (promotion log: {len(holders)} promotions)")
     target = earlier[-1]
-    client.set_registered_model_alias(model_name, CHAMPION, target)
+    registry.set_registered_model_alias(model_name, CHAMPION, target)
     entry = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "model_name": model_name,

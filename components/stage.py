@@ -15,6 +15,15 @@ EXIT_DATA_ERROR = 2
 ERROR_MARK = "tumorscope: error:"
 
 
+def track(items, progress: bool, description: str, total: int | None = None):
+    """``items``, with a rich progress bar when a person is watching (a TTY), plain otherwise."""
+    if not progress:
+        return items
+    from rich.progress import track as rich_track
+
+    return rich_track(items, total=total, description=description)
+
+
 def run_stage(work: Callable[[], Any]) -> None:
     """Run one stage: offline env, quiet logs, and a clear one-line error instead of a traceback.
 

@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import ndimage
 
 from components.config import NO_TUMOUR, SynthConfig, load_params
+from components.stage import track
 
 TUMOUR = "tumor"
 FIELD_OF_VIEW_MM = 220.0
@@ -185,7 +186,7 @@ def run(config: SynthConfig, progress: bool = False) -> pd.DataFrame:
     for folder in (NO_TUMOUR, TUMOUR, "masks"):
         (config.out / folder).mkdir(parents=True, exist_ok=True)
     rows = []
-    for subject in _iterate(design.itertuples(index=False), len(design), progress):
+    for subject in track(design.itertuples(index=False), progress, "synthesising subjects", total=len(design)):
         first_z = int(rng.integers(55, 115))
         for k in range(config.slices_per_subject):
             rows.append(_write_slice(config, rng, subject, first_z + 5 * k, k, scanners[subject.site]))
@@ -230,15 +231,6 @@ def _write_slice(config: SynthConfig, rng, subject, z: int, k: int, scanner: Sca
         "site": subject.site,
         "lesion_mm": subject.lesion_mm if label == TUMOUR else None,
     }
-
-
-def _iterate(items, total: int, progress: bool):
-    if not progress:
-        yield from items
-        return
-    from rich.progress import track
-
-    yield from track(items, total=total, description="synthesising subjects")
 
 
 def main() -> None:

@@ -105,8 +105,9 @@ class TumorScope:
             raise _refuse(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
         subgroups = checked_subgroups(age_band, sex, site)
         probabilities = self.classifier.predict_proba([pixels])[0]
-        answer = self._answer(probabilities, slice_stats(pixels))
-        self._record(answer, data, {**slice_stats(pixels), **subgroups}, started)
+        stats = slice_stats(pixels)
+        answer = self._answer(probabilities, stats)
+        self._record(answer, data, {**stats, **subgroups}, started)
         return answer
 
     @bentoml.api
