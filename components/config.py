@@ -61,6 +61,16 @@ class SplitConfig(Section):
     seed: int = 42
 
 
+class FeaturesConfig(Section):
+    split: Path = Path("data/split.csv")
+    out: Path = Path("data/features.csv")
+    report_dir: Path = Path("reports/features")
+    image_size: int = Field(128, ge=32, le=512)
+    levels: int = Field(32, ge=8, le=256)
+    top_k: int = Field(20, ge=1)
+    seed: int = 42
+
+
 class TrainConfig(Section):
     split: Path = Path("data/split.csv")
     out_dir: Path = Path("models")
@@ -126,6 +136,7 @@ class Params(Section):
     ingest: IngestConfig = IngestConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     split: SplitConfig = SplitConfig()
+    features: FeaturesConfig = FeaturesConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
