@@ -34,10 +34,30 @@ class SynthConfig(Section):
     seed: int = 42
 
 
+class VolumeConfig(Section):
+    """How NIfTI and DICOM volumes become preprocessed volumes and labelled slices (components/volumes.py)."""
+
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    crop_margin: int = Field(4, ge=0)
+    register_to_template: bool = False
+    slice_sequences: list[Literal["t1", "t1c", "t2", "flair", "image"]] = ["t1", "flair", "t1c"]
+    min_lesion_mm2: float = Field(10.0, ge=0)
+    min_brain_fraction: float = Field(0.2, ge=0, le=1)
+    slices_take_volume_label: bool = False  # without a segmentation, every brain slice takes its volume's label
+
+    @model_validator(mode="after")
+    def _positive_spacing(self) -> VolumeConfig:
+        if min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be positive millimetres, got {self.spacing}")
+        return self
+
+
 class IngestConfig(Section):
     source: Path = Path("data/synth")
-    format: Literal["auto", "folders", "lgg"] = "auto"
+    format: Literal["auto", "folders", "lgg", "nifti", "dicom"] = "auto"
     out: Path = Path("data/manifest.csv")
+    derived_dir: Path = Path("data/derived")  # slices and volumes made from NIfTI/DICOM sources
+    volume: VolumeConfig = VolumeConfig()
     duplicate_correlation: float = Field(0.97, gt=0, le=1)
     cache_dir: Path | None = None  # default: a cache/ folder beside the manifest
 
@@ -50,6 +70,8 @@ class ValidateConfig(Section):
     min_image_side: int = Field(32, ge=1)
     min_image_std: float = Field(0.001, ge=0, le=1)
     max_unreadable_fraction: float = Field(0.0, ge=0, le=1)
+    max_spacing_spread_mm: float = Field(0.01, ge=0)  # volume slices: standard deviation of voxel spacing
+    required_sequences: list[Literal["t1", "t1c", "t2", "flair"]] = []  # volume slices: sequences every case needs
 
 
 class SplitConfig(Section):
