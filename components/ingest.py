@@ -37,6 +37,8 @@ NOT_A_CLASS = {"masks", "mask", "volumes"}
 METADATA_COLUMNS = ("age", "sex", "site", "lesion_mm")
 LGG_CLINICAL = "data.csv"
 TUMOUR = "tumor"
+DICOM_CLASS_FOLDERS = {NO_TUMOUR, TUMOUR, "glioma", "meningioma", "pituitary"}
+CONSTANT_STD = 1e-6
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Entry:
     mask: Path | None = None
     source_split: str = ""
     extra: dict = field(default_factory=dict)
+    error: str | None = None  # an adapter's reason to quarantine this item without reading it
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def _read_csv(path: Path, required: str, text_columns: tuple[str, ...] = ()) -> 
     return table
 
 
-def folder_entries(root: Path) -> list[Entry]:
+def folder_entries(root: Path, config: IngestConfig) -> list[Entry]:
     metadata_file = root / "metadata.csv"
     metadata = _read_csv(metadata_file, "file", ("file", "subject_id", "mask")).set_index("file") if metadata_file.exists() else None
     entries = []
@@ -107,7 +110,7 @@ def _is_mask(path: Path) -> bool:
     return path.stem.endswith("_mask")
 
 
-def lgg_entries(root: Path) -> list[Entry]:
+def lgg_entries(root: Path, config: IngestConfig) -> list[Entry]:
     """Slices with a sibling ``_mask`` file; label from the mask, clinical columns from data.csv."""
     clinical = _read_csv(root / LGG_CLINICAL, "Patient", ("Patient",)).set_index("Patient")
     entries = []
@@ -115,9 +118,7 @@ def lgg_entries(root: Path) -> list[Entry]:
         masks = {p.stem.removesuffix("_mask"): p for p in study.iterdir() if _is_mask(p) and p.suffix.lower() in IMAGE_SUFFIXES}
         patient = study.name[:12]
         row = clinical.loc[patient] if patient in clinical.index else None
-        extra = {"age": row["age_at_initial_pathologic"]} if row is not None else {}
-        if row is not None:
-            extra |= {f"clinical_{name}": value for name, value in row.items() if name != "age_at_initial_pathologic"}
+        extra = _lgg_demographics(row) if row is not None else {}
         for path in sorted(study.iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES and not _is_mask(path):
                 entries.append(Entry(path, str(path.relative_to(root)), subject=patient, mask=masks.get(path.stem), extra=extra))
@@ -126,15 +127,134 @@ def lgg_entries(root: Path) -> list[Entry]:
     return entries
 
 
-ADAPTERS = {"folders": folder_entries, "lgg": lgg_entries}
+def nifti_entries(root: Path, config: IngestConfig) -> list[Entry]:
+    from components.volumes import find_cases
+
+    return volume_entries(find_cases(root), config)
+
+
+def dicom_entries(root: Path, config: IngestConfig) -> list[Entry]:
+    """Every DICOM series becomes a de-identified single-sequence volume case (see components/dicom.py);
+    ``<root>/<label>/...`` folders named after a known class label the series."""
+    from components.dicom import read_series, write_nifti
+    from components.volumes import VolumeCase
+
+    key = get_settings().secret_key()
+    cases, entries = [], []
+    for source, label in _dicom_sources(root):
+        series_list, problems = read_series(source, key)
+        base = source if source.is_dir() else source.parent
+        entries += [
+            Entry(base / name, str((base / name).relative_to(root)) if root.is_dir() else name, error=problem) for name, problem in problems
+        ]
+        for series in series_list:
+            nifti = (config.cache_dir or config.out.parent / "cache") / "dicom" / f"{series.uid_pseudonym}.nii.gz"
+            if not nifti.exists():
+                nifti.parent.mkdir(parents=True, exist_ok=True)
+                write_nifti(series, nifti)
+            sequence = series.sequence if series.sequence != "unknown" else "image"
+            extra = {"modality": series.modality, "age": series.age, "sex": series.sex}
+            cases.append(VolumeCase(series.uid_pseudonym, {sequence: nifti}, label=label, subject=series.subject, extra=extra))
+    return entries + volume_entries(cases, config)
+
+
+def _dicom_sources(root: Path) -> list[tuple[Path, str | None]]:
+    if root.is_file():
+        return [(root, None)]
+    labelled = [child for child in sorted(root.iterdir()) if child.is_dir() and child.name.lower() in DICOM_CLASS_FOLDERS]
+    if not labelled:
+        return [(root, None)]
+    return [(child, child.name.lower()) for child in labelled]
+
+
+def volume_entries(cases: list, config: IngestConfig) -> list[Entry]:
+    """Preprocess each case (cached), write its volume and its labelled slices under ``derived_dir``,
+    and list the volumes in ``derived_dir/volumes.csv`` for 3D use."""
+    from PIL import Image
+
+    from components.volumes import axial_slices, load_or_prepare, save_nifti
+
+    key = get_settings().secret_key()
+    cache_dir = (config.cache_dir or config.out.parent / "cache") / "volumes"
+    entries, volumes = [], []
+    for case in cases:
+        volume_id = pseudonym(f"volume:{case.case}", key, "vol-")
+        try:
+            prepared = load_or_prepare(case, config.volume, cache_dir)
+        except DataError as exc:
+            entries.append(Entry(Path(str(exc.path)), case.case, error=exc.problem))
+            continue
+        volume_path = config.derived_dir / "volumes" / f"{volume_id}.nii.gz"
+        save_nifti(prepared, volume_path)
+        slices = axial_slices(prepared, config.volume, case.label)
+        columns = _volume_columns(prepared, volume_id) | case.extra
+        for piece in slices:
+            png = config.derived_dir / "slices" / volume_id / f"z{piece.index:03d}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(piece.rgb).save(png)
+            extra = columns | {"slice_index": piece.index, "lesion_mm2": piece.lesion_mm2}
+            entries.append(Entry(png, f"{case.case}/z{piece.index:03d}", label=piece.label, subject=case.subject or case.case, extra=extra))
+        volumes.append(
+            {**columns, "subject": pseudonym(case.subject or case.case, key, "sub-"), "label": case.label or "", "path": str(volume_path.resolve()),
+             "shape": "x".join(map(str, prepared.image.shape[1:])), "has_segmentation": prepared.segmentation is not None,
+             "slices": len(slices), "tumor_slices": sum(s.label == TUMOUR for s in slices)}
+        )  # fmt: skip
+    config.derived_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(volumes)
+    table.to_csv(config.derived_dir / "volumes.csv", index=False)
+    unlabelled = int((table["slices"] == 0).sum()) if len(table) else 0
+    print(f"{len(table)} volumes preprocessed into {config.derived_dir / 'volumes.csv'}; {unlabelled} without slice labels (3D use only)")
+    return entries
+
+
+def _volume_columns(prepared, volume_id: str) -> dict:
+    """QC columns every volume slice carries: geometry before and after preprocessing."""
+    spacing = prepared.spacing
+    return {
+        "volume_id": volume_id,
+        "sequences": "+".join(prepared.sequences),
+        "channels": len(prepared.sequences),
+        "spacing_x": round(spacing[0], 4),
+        "spacing_y": round(spacing[1], 4),
+        "spacing_z": round(spacing[2], 4),
+        "source_orientation": prepared.source_orientation,
+        "source_spacing": "x".join(f"{v:g}" for v in prepared.source_spacing),
+    }
+
+
+def _lgg_demographics(row: pd.Series) -> dict:
+    """Age, sex and every other clinical column; data.csv's gender codes (1/2) are undocumented,
+    so sex stays a code (``code-1``) rather than a guess at F/M."""
+    gender = row.get("gender")
+    demographics = {"age": row["age_at_initial_pathologic"], "sex": f"code-{int(gender)}" if pd.notna(gender) else None}
+    return demographics | {f"clinical_{name}": value for name, value in row.items() if name != "age_at_initial_pathologic"}
+
+
+ADAPTERS = {"folders": folder_entries, "lgg": lgg_entries, "nifti": nifti_entries, "dicom": dicom_entries}
 
 
 def detect_format(root: Path) -> str:
+    if root.is_file() and root.suffix.lower() == ".zip":
+        return "dicom"
     if not root.is_dir():
         raise DataError(root, "not a folder")
     if (root / LGG_CLINICAL).exists() and any(_is_mask(p) for p in root.glob("*/*")):
         return "lgg"
+    files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    if any(p.name.lower().endswith((".nii", ".nii.gz")) for p in files) and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
+        return "nifti"
+    if files and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files) and any(_looks_like_dicom(p) for p in files[:50]):
+        return "dicom"
     return "folders"
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """The DICOM Part 10 preamble: 128 bytes, then 'DICM'."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _label_from_mask(entry: Entry) -> str:
@@ -178,7 +298,11 @@ def _pixels(entry: Entry, cache: PixelCache) -> tuple[dict, np.ndarray, str | No
 
 def describe(entry: Entry, key: bytes, cache: PixelCache) -> tuple[dict, np.ndarray]:
     """Manifest record and dedup thumbnail of one image; raises DataError for a bad file."""
+    if entry.error:
+        raise DataError(entry.relative, entry.error)
     stats, thumb, mask_label = _pixels(entry, cache)
+    if stats["std"] < CONSTANT_STD:
+        raise DataError(entry.relative, "constant image (every pixel has the same value)")
     record = {
         "image_id": pseudonym(entry.relative, key, "img-"),
         "subject": pseudonym(entry.subject or entry.relative, key, "sub-"),
@@ -195,7 +319,7 @@ def describe(entry: Entry, key: bytes, cache: PixelCache) -> tuple[dict, np.ndar
 def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     root = config.source
     layout = detect_format(root) if config.format == "auto" else config.format
-    entries = ADAPTERS[layout](root)
+    entries = ADAPTERS[layout](root, config)
     key = get_settings().secret_key()
     source_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     cache_name = f"ingest-{source_key}-{code_version('components.dedup')}.npz"

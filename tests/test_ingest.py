@@ -119,3 +119,69 @@ def test_numeric_subject_ids_keep_a_subjects_images_together(tmp_path: Path):
     )
     manifest = run(IngestConfig(source=root, out=tmp_path / "m.csv")).manifest
     assert manifest["subject"].nunique() == 2
+
+
+def _volume_cohort(tmp_path: Path) -> Path:
+    from components.config import SynthConfig
+    from components.synth import run as synth
+
+    out = tmp_path / "synth"
+    synth(SynthConfig(out=out, subjects=4, slices_per_subject=1, image_size=32, volumes=True, volume_size=32, seed=5))
+    return out / "volumes"
+
+
+def test_nifti_volumes_become_labelled_slices_with_geometry_columns(tmp_path: Path):
+    from components.config import VolumeConfig
+
+    root = _volume_cohort(tmp_path)
+    (root / "notumor" / "broken.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    config = IngestConfig(
+        source=root, out=tmp_path / "m.csv", derived_dir=tmp_path / "derived", volume=VolumeConfig(spacing=(6.0, 6.0, 6.0))
+    )
+    result = run(config)
+    manifest = result.manifest
+    assert set(manifest["label"]) == {"tumor", "notumor"} and manifest["subject"].nunique() == 4
+    assert (manifest[["spacing_x", "spacing_y", "spacing_z"]] == 6.0).all().all()
+    assert set(manifest["source_orientation"]) == {"RAS"} and set(manifest["sequences"]) == {"image"}
+    assert all(Path(p).is_file() and Path(p).is_relative_to(tmp_path / "derived") for p in manifest["path"])
+    assert list(result.quarantined["file"]) == ["broken"] and "not a readable NIfTI" in result.quarantined["problem"].iloc[0]
+    volumes = pd.read_csv(tmp_path / "derived" / "volumes.csv")
+    assert len(volumes) == 4 and volumes["has_segmentation"].all() and (volumes["slices"] > 0).all()
+    assert all(Path(p).is_file() for p in volumes["path"])
+
+
+def test_format_is_detected_from_the_layout(tmp_path: Path, tiny_cohort: Path):
+    from components.ingest import detect_format
+
+    assert detect_format(_volume_cohort(tmp_path)) == "nifti"
+    assert detect_format(tiny_cohort) == "folders"
+
+
+def _dicom_cohort(root: Path, per_class: int = 2) -> Path:
+    from tests.dicom_fixtures import write_series
+
+    for i in range(2 * per_class):
+        label = ["notumor", "tumor"][i % 2]
+        write_series(root / label / f"export{i}", n_slices=4, series_uid=f"1.2.826.0.1.3680043.10.99.{i}", patient_id=f"MRN-{i:07d}")
+    (root / "tumor" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_dicom_series_become_deidentified_volumes_and_slices(tmp_path: Path):
+    from components.config import VolumeConfig
+    from tests.dicom_fixtures import PHI
+
+    root = _dicom_cohort(tmp_path / "dicom")
+    volume = VolumeConfig(spacing=(0.3125, 0.3125, 2.0), slices_take_volume_label=True)
+    config = IngestConfig(
+        source=root, format="auto", out=tmp_path / "out" / "m.csv", derived_dir=tmp_path / "out" / "derived", volume=volume
+    )
+    result = run(config)
+    manifest = result.manifest
+    assert set(manifest["label"]) == {"tumor", "notumor"} and manifest["subject"].nunique() == 4
+    assert set(manifest["modality"]) == {"MR"} and set(manifest["sex"]) == {"F"} and set(manifest["age"]) == {45.0}
+    assert list(result.quarantined["file"]) == ["tumor/notes.txt"]
+    written = "".join(p.read_text(errors="ignore") for p in (tmp_path / "out").rglob("*.csv"))
+    for value in PHI.values():
+        assert str(value) not in written
+    assert not any("MRN" in p.name for p in (tmp_path / "out").rglob("*"))

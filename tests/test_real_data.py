@@ -37,8 +37,23 @@ def test_lgg_patients_become_a_validated_patient_grouped_split_with_demographics
     assert frame["subject"].nunique() == 40 and len(result.quarantined) == 0
     assert {"tumor", "notumor"} == set(frame["label"])
     assert frame.groupby("subject")["age"].first().notna().sum() == 39, "one patient has no age in data.csv"
-    assert "clinical_gender" in frame.columns
+    assert "clinical_gender" in frame.columns and set(frame["sex"].dropna()) == {"code-1", "code-2"}
     assert validate(ValidateConfig(manifest=manifest, report_dir=tmp_path / "reports")).success
     assigned = split(SplitConfig(manifest=manifest, out=tmp_path / "split.csv"))
     check_no_leak(assigned)
     assert assigned.groupby("subject")["split"].nunique().max() == 1
+
+
+def test_nifti_cases_of_brats_and_tcga_become_volumes_and_labelled_slices(tmp_path: Path):
+    import pandas as pd
+
+    source = shared_data("nifti")
+    result = ingest(IngestConfig(source=source, out=tmp_path / "manifest.csv", derived_dir=tmp_path / "derived"))
+    volumes = pd.read_csv(tmp_path / "derived" / "volumes.csv")
+    assert len(volumes) == 2 and set(volumes["sequences"]) == {"flair+t1+t1c+t2"}
+    assert set(volumes["source_orientation"]) == {"LPS"}, "both are stored LPS; the derived volumes are RAS"
+    labelled = volumes[volumes["has_segmentation"]]
+    assert len(labelled) == 1 and labelled["tumor_slices"].iloc[0] > 10, "TCGA-DU-7294's fusion segmentation labels its slices"
+    assert volumes.loc[~volumes["has_segmentation"], "slices"].iloc[0] == 0, "the BraTS case has no segmentation: 3D use only"
+    assert set(result.manifest["label"]) == {"tumor", "notumor"} and len(result.quarantined) == 0
+    assert not result.manifest["path"].str.contains("TCGA|BraTS").any(), "derived file names carry pseudonyms only"
