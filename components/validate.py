@@ -18,6 +18,8 @@ import pandas as pd
 from components.config import NO_TUMOUR, ValidateConfig, load_params
 from components.errors import DataError, TumorScopeError
 
+QC_COLUMNS = ["image_id", "label", "width", "height", "channels", "sequences", "spacing_x", "spacing_y", "spacing_z", "source_orientation",
+              "source_spacing", "mean", "std", "p01", "p50", "p99", "foreground"]  # fmt: skip
 REQUIRED_COLUMNS = ["image_id", "subject", "label", "path", "width", "height", "mean", "std", "p01", "p50", "p99", "duplicate_group"]
 
 
@@ -27,6 +29,7 @@ class ValidationOutcome:
     evaluated: int
     failures: list[str] = field(default_factory=list)
     data_docs: str = ""
+    quarantined: list[dict] = field(default_factory=list)  # pseudonym and reason; the files are in quarantine.csv
 
 
 def _manifest_expectations(config: ValidateConfig, manifest: pd.DataFrame) -> list:
@@ -44,11 +47,41 @@ def _manifest_expectations(config: ValidateConfig, manifest: pd.DataFrame) -> li
         gxe.ExpectColumnValuesToBeBetween(column="std", min_value=config.min_image_std, max_value=1.0, mostly=0.99),
     ]
     checks += [gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0.0, max_value=1.0) for c in ("mean", "p01", "p50", "p99")]
+    if "volume_id" in manifest.columns:
+        checks += _volume_expectations(config)
     if "age" in manifest.columns:
         checks.append(gxe.ExpectColumnValuesToBeBetween(column="age", min_value=0, max_value=120, mostly=0.95))
     if "sex" in manifest.columns:
-        checks.append(gxe.ExpectColumnValuesToBeInSet(column="sex", value_set=["F", "M"], mostly=0.95))
+        checks.append(gxe.ExpectColumnValuesToMatchRegex(column="sex", regex=r"^(F|M|code-\d+)$", mostly=0.95))
     return checks
+
+
+def _volume_expectations(config: ValidateConfig) -> list:
+    """Slices cut from volumes: one voxel spacing for all (resampling worked), a known source
+    orientation, and the sequences the model needs."""
+    import great_expectations.expectations as gxe
+
+    checks = [
+        gxe.ExpectColumnStdevToBeBetween(column=c, max_value=config.max_spacing_spread_mm) for c in ("spacing_x", "spacing_y", "spacing_z")
+    ]
+    checks += [
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="source_orientation", regex=r"^[RL][AP][SI]$|^[RL][SI][AP]$|^[AP][RL][SI]$|^[AP][SI][RL]$|^[SI][RL][AP]$|^[SI][AP][RL]$"
+        )
+    ]
+    checks += [gxe.ExpectColumnValuesToBeBetween(column="channels", min_value=max(1, len(config.required_sequences)))]
+    checks += [gxe.ExpectColumnValuesToMatchRegex(column="sequences", regex=rf"(^|\+){name}(\+|$)") for name in config.required_sequences]
+    return checks
+
+
+def qc_table(manifest: pd.DataFrame, quarantine: pd.DataFrame, config: ValidateConfig) -> pd.DataFrame:
+    """One row per image, read or refused: what QC saw and the verdict (no file names, only pseudonyms)."""
+    columns = [c for c in QC_COLUMNS if c in manifest.columns]
+    table = manifest[columns].copy()
+    table["blank"] = table["std"] < config.min_image_std
+    table["status"] = table["blank"].map({True: "blank", False: "ok"})
+    refused = pd.DataFrame({"image_id": quarantine["image_id"], "status": "quarantined", "problem": quarantine["problem"]})
+    return pd.concat([table, refused], ignore_index=True)
 
 
 def _balance_expectations(config: ValidateConfig) -> list:
@@ -128,9 +161,11 @@ def run(config: ValidateConfig) -> ValidationOutcome:
         raise DataError(config.manifest, "manifest not found: run the ingest stage first")
     manifest = pd.read_csv(config.manifest)
     quarantine_file = config.manifest.with_name("quarantine.csv")
-    quarantined = len(pd.read_csv(quarantine_file)) if quarantine_file.exists() else 0
+    quarantine = pd.read_csv(quarantine_file) if quarantine_file.exists() else pd.DataFrame(columns=["image_id", "file", "problem"])
     config.report_dir.mkdir(parents=True, exist_ok=True)
-    outcome = check(config, manifest, quarantined)
+    qc_table(manifest, quarantine, config).to_csv(config.report_dir / "qc.csv", index=False)
+    outcome = check(config, manifest, len(quarantine))
+    outcome.quarantined = [{"image_id": r.image_id, "problem": r.problem} for r in quarantine.itertuples()]
     (config.report_dir / "result.json").write_text(json.dumps(outcome.__dict__, indent=2))
     print(f"validation: {outcome.evaluated} expectations, {len(outcome.failures)} failed; Data Docs: {outcome.data_docs}")
     if not outcome.success:

@@ -54,3 +54,27 @@ def test_leak_check_catches_a_subject_spanning_splits():
 def test_too_few_groups_is_a_clear_error():
     with pytest.raises(TumorScopeError, match="too few"):
         assign(_manifest(2), SplitConfig())
+
+
+def test_a_planted_resaved_copy_is_grouped_kept_in_one_split_and_caught_when_moved(tmp_path):
+    from PIL import Image
+
+    from components.config import IngestConfig
+    from components.ingest import run as ingest
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        folder = tmp_path / "data" / ["notumor", "tumor"][i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    original = Image.open(tmp_path / "data" / "tumor" / "img1.png")
+    original.save(tmp_path / "data" / "tumor" / "copy-of-img1.jpg", quality=85)  # a re-saved copy, as in Masoud
+    manifest = ingest(IngestConfig(source=tmp_path / "data", out=tmp_path / "manifest.csv")).manifest
+    is_copy = manifest["path"].str.contains("img1.png|copy-of-img1", regex=True)
+    assert manifest.loc[is_copy, "duplicate_group"].nunique() == 1 and manifest["duplicate_group"].nunique() == 40
+    assigned = assign(manifest, SplitConfig(seed=3))
+    assert assigned.loc[is_copy, "split"].nunique() == 1
+    moved = assigned.copy()
+    moved.loc[is_copy.to_numpy().nonzero()[0][0], "split"] = "test" if assigned.loc[is_copy, "split"].iloc[0] != "test" else "train"
+    with pytest.raises(TumorScopeError, match="duplicate_group"):
+        check_no_leak(moved)
