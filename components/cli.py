@@ -157,19 +157,29 @@ def synth(
 
 @app.command()
 def ingest(
-    source: Annotated[Path, typer.Option(help="Folder of class folders (<root>/<label>/*.png|jpg|tif).")],
+    source: Annotated[Path, typer.Option(help="Class folders, an LGG/kaggle_3m folder, NIfTI volumes, or DICOM (folder or .zip).")],
+    format: Annotated[str, typer.Option(help="auto | folders | lgg | nifti | dicom")] = "auto",
     out: Annotated[Path, typer.Option(help="Manifest CSV to write.")] = Path("data/adhoc/manifest.csv"),
 ) -> None:
-    """Ingest a folder outside the pipeline: reads SOURCE, writes the manifest and quarantine list next to OUT."""
-    from components.config import IngestConfig
-    from components.ingest import run as ingest_folder
+    """Ingest data outside the pipeline: reads SOURCE, writes the manifest, quarantine list and derived
+    slices/volumes next to OUT. Volume preprocessing follows params.yaml's ingest.volume when present."""
+    from pydantic import ValidationError
+
+    from components.config import PARAMS_FILE, IngestConfig, load_params
+    from components.ingest import run as ingest_source
     from components.settings import apply_runtime_env
 
     apply_runtime_env()
     try:
-        ingest_folder(IngestConfig(source=source, out=out), progress=True)
+        base = load_params().ingest if PARAMS_FILE.exists() else IngestConfig()
+        config = IngestConfig.model_validate(
+            base.model_dump() | {"source": source, "format": format, "out": out, "derived_dir": out.parent / "derived", "cache_dir": None}
+        )
+        ingest_source(config, progress=True)
     except TumorScopeError as exc:
         _fail(str(exc))
+    except ValidationError as exc:
+        _fail(f"--format: {exc.errors()[0]['msg']}")
 
 
 @app.command()

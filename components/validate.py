@@ -18,6 +18,7 @@ import pandas as pd
 from components.config import NO_TUMOUR, ValidateConfig, load_params
 from components.errors import DataError, TumorScopeError
 
+AXIS_CODES = r"^(?:[RL][AP][SI]|[RL][SI][AP]|[AP][RL][SI]|[AP][SI][RL]|[SI][RL][AP]|[SI][AP][RL])$"  # a valid orientation, e.g. LPS
 QC_COLUMNS = ["image_id", "label", "width", "height", "channels", "sequences", "spacing_x", "spacing_y", "spacing_z", "source_orientation",
               "source_spacing", "mean", "std", "p01", "p50", "p99", "foreground"]  # fmt: skip
 REQUIRED_COLUMNS = ["image_id", "subject", "label", "path", "width", "height", "mean", "std", "p01", "p50", "p99", "duplicate_group"]
@@ -52,7 +53,7 @@ def _manifest_expectations(config: ValidateConfig, manifest: pd.DataFrame) -> li
     if "age" in manifest.columns:
         checks.append(gxe.ExpectColumnValuesToBeBetween(column="age", min_value=0, max_value=120, mostly=0.95))
     if "sex" in manifest.columns:
-        checks.append(gxe.ExpectColumnValuesToMatchRegex(column="sex", regex=r"^(F|M|code-\d+)$", mostly=0.95))
+        checks.append(gxe.ExpectColumnValuesToMatchRegex(column="sex", regex=r"^(?:F|M|code-\d+)$", mostly=0.95))
     return checks
 
 
@@ -64,13 +65,11 @@ def _volume_expectations(config: ValidateConfig) -> list:
     checks = [
         gxe.ExpectColumnStdevToBeBetween(column=c, max_value=config.max_spacing_spread_mm) for c in ("spacing_x", "spacing_y", "spacing_z")
     ]
-    checks += [
-        gxe.ExpectColumnValuesToMatchRegex(
-            column="source_orientation", regex=r"^[RL][AP][SI]$|^[RL][SI][AP]$|^[AP][RL][SI]$|^[AP][SI][RL]$|^[SI][RL][AP]$|^[SI][AP][RL]$"
-        )
-    ]
+    checks += [gxe.ExpectColumnValuesToMatchRegex(column="source_orientation", regex=AXIS_CODES)]
     checks += [gxe.ExpectColumnValuesToBeBetween(column="channels", min_value=max(1, len(config.required_sequences)))]
-    checks += [gxe.ExpectColumnValuesToMatchRegex(column="sequences", regex=rf"(^|\+){name}(\+|$)") for name in config.required_sequences]
+    checks += [
+        gxe.ExpectColumnValuesToMatchRegex(column="sequences", regex=rf"(?:^|\+){name}(?:\+|$)") for name in config.required_sequences
+    ]
     return checks
 
 
