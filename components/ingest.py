@@ -170,28 +170,22 @@ def _dicom_sources(root: Path) -> list[tuple[Path, str | None]]:
 def volume_entries(cases: list, config: IngestConfig) -> list[Entry]:
     """Preprocess each case (cached), write its volume and its labelled slices under ``derived_dir``,
     and list the volumes in ``derived_dir/volumes.csv`` for 3D use."""
-    from PIL import Image
-
-    from components.volumes import axial_slices, load_or_prepare, save_nifti
+    from components.volumes import axial_slices, load_or_prepare
 
     key = get_settings().secret_key()
     cache_dir = (config.cache_dir or config.out.parent / "cache") / "volumes"
     entries, volumes = [], []
-    for case in cases:
+    for case in track(cases, sys.stdout.isatty(), "preprocessing volumes"):
         volume_id = pseudonym(f"volume:{case.case}", key, "vol-")
         try:
             prepared = load_or_prepare(case, config.volume, cache_dir)
         except DataError as exc:
             entries.append(Entry(Path(str(exc.path)), case.case, error=exc.problem))
             continue
-        volume_path = config.derived_dir / "volumes" / f"{volume_id}.nii.gz"
-        save_nifti(prepared, volume_path)
         slices = axial_slices(prepared, config.volume, case.label)
+        volume_path, slice_paths = _write_volume_outputs(case, prepared, slices, volume_id, config)
         columns = _volume_columns(prepared, volume_id) | case.extra
-        for piece in slices:
-            png = config.derived_dir / "slices" / volume_id / f"z{piece.index:03d}.png"
-            png.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(piece.rgb).save(png)
+        for piece, png in zip(slices, slice_paths):
             extra = columns | {"slice_index": piece.index, "lesion_mm2": piece.lesion_mm2}
             entries.append(Entry(png, f"{case.case}/z{piece.index:03d}", label=piece.label, subject=case.subject or case.case, extra=extra))
         volumes.append(
@@ -205,6 +199,27 @@ def volume_entries(cases: list, config: IngestConfig) -> list[Entry]:
     unlabelled = int((table["slices"] == 0).sum()) if len(table) else 0
     print(f"{len(table)} volumes preprocessed into {config.derived_dir / 'volumes.csv'}; {unlabelled} without slice labels (3D use only)")
     return entries
+
+
+def _write_volume_outputs(case, prepared, slices: list, volume_id: str, config: IngestConfig) -> tuple[Path, list[Path]]:
+    """The derived NIfTI and slice PNGs, written only when absent or made by other inputs (a stamp of the
+    preprocessing cache key says which), so a rerun neither recompresses volumes nor touches unchanged slices."""
+    from PIL import Image
+
+    from components.volumes import cache_key, save_nifti
+
+    volume_path = config.derived_dir / "volumes" / f"{volume_id}.nii.gz"
+    slice_dir = config.derived_dir / "slices" / volume_id
+    slice_paths = [slice_dir / f"z{piece.index:03d}.png" for piece in slices]
+    stamp_file, stamp = slice_dir / ".stamp", cache_key(case, config.volume, code_version("components.volumes"))
+    if stamp_file.exists() and stamp_file.read_text() == stamp and volume_path.exists() and all(p.exists() for p in slice_paths):
+        return volume_path, slice_paths
+    save_nifti(prepared, volume_path)
+    slice_dir.mkdir(parents=True, exist_ok=True)
+    for piece, png in zip(slices, slice_paths):
+        Image.fromarray(piece.rgb).save(png)
+    stamp_file.write_text(stamp)
+    return volume_path, slice_paths
 
 
 def _volume_columns(prepared, volume_id: str) -> dict:

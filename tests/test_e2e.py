@@ -237,3 +237,19 @@ def test_bad_data_stops_the_flow_with_one_clear_line_and_no_traceback(tmp_path: 
     assert result.returncode == 2
     assert f"error: stage 'ingest' failed: {empty}: no class folders with images found" in result.stderr
     assert "Traceback" not in output
+
+
+def test_dvc_experiments_sweep_a_param_and_record_each_run(workspace: Path):
+    identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    env = workspace_env(workspace) | identity
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(command, cwd=workspace, env=env, check=True, capture_output=True)
+    for top_k in (5, 8):
+        run = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"features.top_k={top_k}"], cwd=workspace, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "Running stage 'features'" in run.stdout and "Running stage 'train'" not in run.stdout
+        assert len(json.loads((workspace / "reports" / "features" / "selected.json").read_text())["features"]) == top_k
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=workspace, env=env, capture_output=True, text=True)
+    experiments = [e for commit in json.loads(shown.stdout) for e in (commit.get("experiments") or [])]
+    swept = {e["revs"][0]["data"]["params"]["params.yaml"]["data"]["features"]["top_k"] for e in experiments}
+    assert swept == {5, 8}
