@@ -355,6 +355,7 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     manifest["duplicate_group"] = [f"dup-{g}" for g in duplicate_groups(np.stack(thumbs), config.duplicate_correlation)]
     quarantine = pd.DataFrame(quarantined, columns=["image_id", "file", "problem"])
     config.out.parent.mkdir(parents=True, exist_ok=True)
+    config.derived_dir.mkdir(parents=True, exist_ok=True)  # a DVC output, empty for sources of 2D images
     manifest.to_csv(config.out, index=False)
     quarantine.to_csv(config.out.with_name("quarantine.csv"), index=False)
     _print_summary(manifest, quarantine, layout)

@@ -185,3 +185,20 @@ def test_dicom_series_become_deidentified_volumes_and_slices(tmp_path: Path):
     for value in PHI.values():
         assert str(value) not in written
     assert not any("MRN" in p.name for p in (tmp_path / "out").rglob("*"))
+
+
+def test_a_zip_of_one_unlabelled_dicom_series_becomes_a_volume_for_3d_use(tmp_path: Path):
+    from components.config import VolumeConfig
+    from components.ingest import detect_format
+    from tests.dicom_fixtures import write_series, write_zip
+
+    write_series(tmp_path / "series", n_slices=4)
+    archive = write_zip(tmp_path / "upload.zip", tmp_path / "series")
+    volume = VolumeConfig(spacing=(0.3125, 0.3125, 2.0))
+    config = IngestConfig(source=archive, out=tmp_path / "out" / "m.csv", derived_dir=tmp_path / "out" / "derived", volume=volume)
+    assert detect_format(archive) == "dicom"
+    volumes_csv = tmp_path / "out" / "derived" / "volumes.csv"
+    with pytest.raises(DataError, match="no readable images"):  # unlabelled series: a volume for 3D use, no training slices
+        run(config)
+    volumes = pd.read_csv(volumes_csv)
+    assert len(volumes) == 1 and volumes["spacing_z"].iloc[0] == 2.0 and volumes["modality"].iloc[0] == "MR"
