@@ -17,8 +17,9 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from components.config import EvaluateConfig, load_params
 from components.errors import DataError
+from components.fairness import SUBGROUP_COLUMNS, with_age_band
 from components.imaging import read_slice, slice_stats
-from components.model import Classifier, ModelSpec, tumour_probability
+from components.model import EMBEDDING_COLUMNS, Classifier, ModelSpec, tumour_probability
 from components.settings import get_settings
 
 REFERENCE_FILE = Path("data/reference.csv")
@@ -39,9 +40,13 @@ def binary_metrics(is_tumour: np.ndarray, score: np.ndarray, threshold: float = 
 
 
 def score_images(classifier: Classifier, paths: list[str], names: list[str] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """Class probabilities and raw-image statistics for each file (``names`` label errors instead of paths)."""
+    """Class probabilities, raw-image statistics and the embedding summary for each file (``names`` label errors
+    instead of paths)."""
     images = [read_slice(path, name=name) for path, name in zip(paths, names or paths)]
-    return classifier.predict_proba(images), pd.DataFrame([slice_stats(image) for image in images])
+    probabilities, features = classifier.predict(images)
+    stats = pd.DataFrame([slice_stats(image) for image in images])
+    stats[EMBEDDING_COLUMNS] = classifier.embeddings(features)
+    return probabilities, stats
 
 
 def metrics_for(spec: ModelSpec, labels: pd.Series, probabilities: np.ndarray) -> dict[str, float]:
@@ -68,6 +73,17 @@ def reference_table(spec: ModelSpec, stats: pd.DataFrame, probabilities: np.ndar
         predicted_label=np.asarray(spec.classes)[probabilities.argmax(1)],
         confidence=probabilities.max(1),
         tumour_probability=tumour_probability(probabilities, spec),
+    )
+
+
+def test_predictions(spec: ModelSpec, test: pd.DataFrame, probabilities: np.ndarray) -> pd.DataFrame:
+    """Per test image (by pseudonym): what the gate's paired comparison with the champion resamples."""
+    return pd.DataFrame(
+        {
+            "image_id": test["image_id"].to_numpy(),
+            "tumour_probability": tumour_probability(probabilities, spec),
+            "predicted": np.asarray(spec.classes)[probabilities.argmax(1)],
+        }
     )
 
 
@@ -126,7 +142,13 @@ def run(config: EvaluateConfig) -> dict[str, float]:
     metrics_file.write_text(json.dumps(metrics, indent=2))
     plots = _write_plots(config.report_dir, classifier.spec, test["label"], probabilities)
     REFERENCE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    reference_table(classifier.spec, stats, probabilities).to_csv(REFERENCE_FILE, index=False)
+    reference = reference_table(classifier.spec, stats, probabilities)
+    subgroups_of_test = with_age_band(test.reset_index(drop=True))
+    for column in (c for c in SUBGROUP_COLUMNS if c in subgroups_of_test):
+        reference[column] = subgroups_of_test[column].to_numpy()  # the metadata drift baseline
+    reference.to_csv(REFERENCE_FILE, index=False)
+    predictions_file = config.report_dir / "test_predictions.csv"
+    test_predictions(classifier.spec, test, probabilities).to_csv(predictions_file, index=False)
     run_id = json.loads((config.model_dir / "model.json").read_text())["run_id"]
     _log_to_mlflow(run_id, metrics, [metrics_file, subgroup_file, REFERENCE_FILE, *plots])
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

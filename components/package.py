@@ -32,6 +32,8 @@ def save_champion(config: PackageConfig, model_name: str) -> dict:
     with bentoml.models.create(config.bento_model, labels=identity, metadata={"classes": classifier.spec.classes}) as model:
         torch.save(classifier.net.state_dict(), model.path_of("model.pt"))
         Path(model.path_of("model.json")).write_text(json.dumps({**classifier.spec.model_dump(), **identity}, indent=2))
+        if classifier.projection is not None:
+            Path(model.path_of("embedding.json")).write_text(classifier.projection.model_dump_json())
     return {**identity, "bento_model": str(model.tag)}
 
 

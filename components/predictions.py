@@ -2,7 +2,8 @@
 
 SQLite by default (one file, safe for the endpoint's threads through short-lived
 connections). A record holds what drift monitoring compares with the training
-reference: raw-image statistics and the model's output, never a file name.
+reference: raw-image statistics, QC flags, the embedding summary (PCA of the
+network's penultimate layer) and the model's output, never a file name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from components.imaging import STAT_COLUMNS
+from components.model import EMBEDDING_COLUMNS
 
 SUBGROUP_COLUMNS = ("age_band", "sex", "site")
 
@@ -31,6 +33,8 @@ COLUMNS = {
     "needs_review": "INTEGER",
     "latency_ms": "REAL",
     **{name: "REAL" for name in STAT_COLUMNS},
+    **{name: "REAL" for name in EMBEDDING_COLUMNS},
+    "qc_flags": "TEXT",
     **{name: "TEXT" for name in SUBGROUP_COLUMNS},
     "feedback_label": "TEXT",
     "feedback_time": "TEXT",
@@ -69,6 +73,11 @@ class PredictionLog:
         with closing(self._connect()) as db:
             pd.read_sql_query("SELECT * FROM predictions ORDER BY time", db).to_parquet(path, index=False)
         return path
+
+    def labelled(self) -> pd.DataFrame:
+        """Every prediction a clinician has labelled, oldest first."""
+        with closing(self._connect()) as db:
+            return pd.read_sql_query("SELECT * FROM predictions WHERE feedback_label IS NOT NULL ORDER BY time", db)
 
     def recent(self, limit: int, model_version: str | None = None) -> pd.DataFrame:
         """The newest ``limit`` records (of one model version, if given), oldest first."""

@@ -31,7 +31,14 @@ def version_by_alias(registry, name: str, alias: str):
 
 def load_version(version) -> Classifier:
     import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components.model import EmbeddingProjection
 
     spec = ModelSpec.model_validate(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/tumorscope/model.json"))
     net = mlflow.pytorch.load_model(f"models:/{version.name}/{version.version}", map_location="cpu")
-    return Classifier(spec, net)
+    try:
+        projection = EmbeddingProjection.model_validate(mlflow.artifacts.load_dict(f"runs:/{version.run_id}/tumorscope/embedding.json"))
+    except (MlflowException, OSError):
+        projection = None  # versions trained before the embedding summary existed
+    return Classifier(spec, net, projection)

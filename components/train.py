@@ -216,7 +216,18 @@ def run(config: TrainConfig) -> dict:
     best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
     classifier = Classifier(spec, module.net)
+    classifier.projection = _fit_projection(classifier, split[split["split"] == "val"], config)
     return _publish(classifier, config, mlflow_run, data_hash, trainer.current_epoch)
+
+
+def _fit_projection(classifier: Classifier, validation: pd.DataFrame, config: TrainConfig):
+    """The embedding summary's PCA, on validation images (not seen in training, not the test set)."""
+    from components.dataset import prepared_images
+    from components.model import EmbeddingProjection
+
+    images = prepared_images(validation, config.image_size)
+    features = [classifier.predict_prepared(images[start : start + 256])[1] for start in range(0, len(images), 256)]
+    return EmbeddingProjection.fit(np.concatenate(features))
 
 
 def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash: str, epochs: int) -> dict:
@@ -226,6 +237,7 @@ def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash:
     run_id = mlflow_run.info.run_id
     info = mlflow.pytorch.log_model(classifier.net, name="model", serialization_format="pickle", pip_requirements=MLFLOW_REQUIREMENTS)
     mlflow.log_dict(classifier.spec.model_dump(), "tumorscope/model.json")
+    mlflow.log_dict(classifier.projection.model_dump(), "tumorscope/embedding.json")
     mlflow.log_metric("epochs_trained", epochs)
     mlflow.end_run()
     extra = {"run_id": run_id, "mlflow_model_uri": info.model_uri, "data_hash": data_hash}

@@ -35,3 +35,22 @@ def test_a_spec_saved_before_norm_was_recorded_rebuilds_the_batch_norm_network()
     assert "bn1.running_mean" in build_network(legacy).state_dict()
     current = ModelSpec(**{**legacy.model_dump(), "norm": "group"})
     assert "bn1.running_mean" not in build_network(current).state_dict()
+
+
+def test_embedding_summary_is_fitted_saved_and_reloaded(tmp_path: Path):
+    import torch
+
+    from components.model import EMBEDDING_COLUMNS, EmbeddingProjection
+
+    torch.manual_seed(1)
+    spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"])
+    classifier = Classifier.from_weights(spec, build_network(spec).state_dict())
+    images = [np.random.default_rng(i).random((40, 40)).astype(np.float32) for i in range(12)]
+    probabilities, features = classifier.predict(images)
+    assert probabilities.shape == (12, 2) and features.shape == (12, 16), "features are the last linear layer's input"
+    assert np.isnan(classifier.embeddings(features)).all(), "no projection yet: unknown, not zero"
+    classifier.projection = EmbeddingProjection.fit(features)
+    summary = classifier.embeddings(features)
+    assert summary.shape == (12, len(EMBEDDING_COLUMNS)) and abs(summary[:, 0].mean()) < 1e-6
+    classifier.save(tmp_path)
+    np.testing.assert_allclose(Classifier.load(tmp_path).embeddings(features), summary, atol=1e-6)
