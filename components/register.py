@@ -3,7 +3,8 @@
 Every candidate becomes a registered version (alias ``challenger``, tag
 ``gate=passed|refused``). The ``champion`` alias moves to it only if it meets
 every threshold in params.yaml *and* is not worse than the current champion
-re-scored on the same test images. Each decision, with its reasons, is written to
+re-scored on the same test images (a paired bootstrap, so that two equally good
+models are not told apart by a couple of flipped images). Each decision, with its reasons, is written to
 ``reports/gate.json`` and appended to a promotion log, since MLflow keeps no
 history of alias moves.
 """
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from components.comparison import RESAMPLES, Difference, paired_differences
 from components.config import RegisterConfig, load_params
 from components.errors import TumorScopeError
 from components.registry import CHALLENGER, CHAMPION, client, load_version, version_by_alias
 from components.settings import get_settings
 
-COMPARED = ("accuracy", "roc_auc", "worst_subgroup_sensitivity")
 METRICS_FILE, GATE_FILE, MODEL_SPEC = Path("reports/metrics.json"), Path("reports/gate.json"), Path("models/model.json")
+PREDICTIONS_FILE = Path("reports/test_predictions.csv")
 
 
 @dataclass
@@ -52,25 +54,27 @@ def threshold_failures(metrics: dict[str, float], config: RegisterConfig) -> lis
     ]
 
 
-def comparison_failures(candidate: dict[str, float], champion: dict[str, float], tolerance: float) -> list[str]:
-    """Where the candidate is worse than the champion on the same images, beyond the tolerance."""
+def comparison_failures(differences: list[Difference], tolerance: float) -> list[str]:
+    """Where the candidate is worse than the champion on the same images: beyond the tolerance in 95 % of the
+    paired resamples (components/comparison.py), not merely on this one draw of test images."""
     return [
-        f"{name} {candidate[name]:.4f} is worse than the champion's {champion[name]:.4f} on the same test images"
-        for name in COMPARED
-        if name in candidate and name in champion and candidate[name] < champion[name] - tolerance
+        f"{d.metric} {d.challenger:.4f} is worse than the champion's {d.champion:.4f} on the same test images "
+        f"(the difference stays below {d.upper_bound:+.4f} in 95 % of {RESAMPLES} paired resamples; tolerance {tolerance})"
+        for d in differences
+        if d.worse(tolerance)
     ]
 
 
-def decide(metrics: dict[str, float], config: RegisterConfig, champion_metrics: dict[str, float] | None) -> GateDecision:
+def decide(metrics: dict[str, float], config: RegisterConfig, differences: list[Difference] | None) -> GateDecision:
     reasons = threshold_failures(metrics, config)
-    if champion_metrics is not None:
-        reasons += comparison_failures(metrics, champion_metrics, config.tolerance)
+    if differences is not None:
+        reasons += comparison_failures(differences, config.tolerance)
     return GateDecision(promoted=not reasons, reasons=reasons or ["meets every threshold and is not worse than the champion"])
 
 
-def rescore_champion(version, test: pd.DataFrame, min_group_size: int) -> dict[str, float]:
-    """The champion's metrics on *this* test split, so the comparison is like for like."""
-    from components.evaluate import assess
+def rescore_champion(version, test: pd.DataFrame, min_group_size: int) -> tuple[dict[str, float], pd.DataFrame]:
+    """The champion's metrics and per-image predictions on *this* test split, so the comparison is like for like."""
+    from components.evaluate import assess, test_predictions
 
     champion = load_version(version)
     if sorted(champion.spec.classes) != sorted(test["label"].unique()):
@@ -78,11 +82,12 @@ def rescore_champion(version, test: pd.DataFrame, min_group_size: int) -> dict[s
             f"the champion (version {version.version}) predicts {champion.spec.classes}, this data has {sorted(test['label'].unique())}: "
             "set register.model_name to a new name for a different task"
         )
-    return assess(champion, test, min_group_size)[0]
+    metrics, probabilities, _, _ = assess(champion, test, min_group_size)
+    return metrics, test_predictions(champion.spec, test, probabilities)
 
 
-def _rescore_or_explain(champion, test: pd.DataFrame, min_group_size: int) -> tuple[dict[str, float] | None, str]:
-    """The champion's metrics, or why they could not be had (then the gate refuses: no blind replacement)."""
+def _rescore_or_explain(champion, test: pd.DataFrame, min_group_size: int) -> tuple[tuple | None, str]:
+    """The champion's metrics and predictions, or why they could not be had (then the gate refuses: no blind replacement)."""
     if champion is None:
         return None, ""
     try:
@@ -103,9 +108,14 @@ def run(config: RegisterConfig, split_file: Path = Path("data/split.csv"), min_g
     metrics = json.loads(METRICS_FILE.read_text())
     trained = json.loads(MODEL_SPEC.read_text())
     champion = version_by_alias(registry, config.model_name, CHAMPION)
-    test = pd.read_csv(split_file).query("split == 'test'")
-    champion_metrics, unscored = _rescore_or_explain(champion, test, min_group_size)
-    decision = decide(metrics, config, champion_metrics)
+    test = pd.read_csv(split_file).query("split == 'test'").reset_index(drop=True)
+    rescored, unscored = _rescore_or_explain(champion, test, min_group_size)
+    champion_metrics, differences = None, None
+    if rescored is not None:
+        champion_metrics, champion_predictions = rescored
+        candidate_predictions = pd.read_csv(PREDICTIONS_FILE).set_index("image_id").loc[test["image_id"]].reset_index()
+        differences = paired_differences(test, candidate_predictions, champion_predictions, min_group_size)
+    decision = decide(metrics, config, differences)
     if unscored:
         decision.promoted = False
         decision.reasons = [unscored, *[r for r in decision.reasons if not r.startswith("meets every")]]
