@@ -141,6 +141,7 @@ def synth(
     shift: Annotated[str, typer.Option(help="none, scanner, prevalence or lesion_size.")] = "none",
     seed: int = 7,
     image_size: int = 128,
+    slices_per_subject: Annotated[int, typer.Option(min=1, max=8)] = 2,
     volumes: Annotated[bool, typer.Option(help="Also write one 3D NIfTI volume (+ mask) per subject under OUT/volumes/.")] = False,
 ) -> None:
     """Generate a synthetic cohort (e.g. drifted traffic for monitoring); reads nothing, writes OUT."""
@@ -148,7 +149,15 @@ def synth(
     from components.synth import run as generate
 
     try:
-        config = SynthConfig(out=out, subjects=subjects, shift=shift, seed=seed, image_size=image_size, volumes=volumes)
+        config = SynthConfig(
+            out=out,
+            subjects=subjects,
+            shift=shift,
+            seed=seed,
+            image_size=image_size,
+            slices_per_subject=slices_per_subject,
+            volumes=volumes,
+        )
     except ValueError as exc:
         _fail(str(exc))
     metadata = generate(config, progress=True)
@@ -173,7 +182,15 @@ def ingest(
     try:
         base = load_params().ingest if PARAMS_FILE.exists() else IngestConfig()
         config = IngestConfig.model_validate(
-            base.model_dump() | {"source": source, "format": format, "out": out, "derived_dir": out.parent / "derived", "cache_dir": None}
+            base.model_dump()
+            | {
+                "source": source,
+                "format": format,
+                "out": out,
+                "derived_dir": out.parent / "derived",
+                "cache_dir": None,
+                "feedback_dir": None,
+            }
         )
         ingest_source(config, progress=True)
     except TumorScopeError as exc:
@@ -225,6 +242,10 @@ def serve(
 @app.command()
 def monitor(
     retrain: Annotated[bool, typer.Option(help="Start the training flow when drift is detected.")] = True,
+    cooldown_hours: Annotated[float | None, typer.Option(help="Override monitor.cooldown_hours for this check.")] = None,
+    service_url: Annotated[
+        str | None, typer.Option(help="A running endpoint to reload after a promotion (or TUMORSCOPE_SERVICE_URL).")
+    ] = None,
     workdir: Workspace = Path("."),
 ) -> None:
     """Run the monitoring flow once: reads the prediction log and data/reference.csv, writes reports/monitoring/."""
@@ -232,7 +253,8 @@ def monitor(
     os.environ.setdefault("TUMORSCOPE_PREDICTION_LOG", str(root / "data" / "predictions.sqlite"))
     from flows.monitoring import monitoring
 
-    decision = _result(monitoring(workdir=str(root), retrain=retrain, return_state=True))
+    state = monitoring(workdir=str(root), retrain=retrain, cooldown_hours=cooldown_hours, service_url=service_url, return_state=True)
+    decision = _result(state)
     typer.echo(("retrained: " if decision["retrained"] else "no retraining: ") + "; ".join(decision["reasons"]))
     typer.echo(f"report: {decision.get('report_html') or '(none)'}")
 

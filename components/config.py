@@ -57,9 +57,14 @@ class IngestConfig(Section):
     format: Literal["auto", "folders", "lgg", "nifti", "dicom"] = "auto"
     out: Path = Path("data/manifest.csv")
     derived_dir: Path = Path("data/derived")  # slices and volumes made from NIfTI/DICOM sources
+    feedback_dir: Path | None = None  # clinician-labelled served slices (the feedback stage's output); training only
     volume: VolumeConfig = VolumeConfig()
     duplicate_correlation: float = Field(0.97, gt=0, le=1)
     cache_dir: Path | None = None  # default: a cache/ folder beside the manifest
+
+
+class FeedbackConfig(Section):
+    min_labels: int = Field(0, ge=0)  # fewer labelled predictions than this: export none yet
 
 
 class ValidateConfig(Section):
@@ -151,10 +156,14 @@ class MonitorConfig(Section):
     min_feedback: int = Field(20, ge=1)
     max_accuracy_drop: float = Field(0.1, ge=0, le=1)
     cooldown_hours: float = Field(6.0, ge=0)
+    embedding_drift_share: float = Field(0.6, gt=0, le=1)
+    max_subgroup_gap: float = Field(0.25, ge=0, le=1)
+    min_subgroup_feedback: int = Field(10, ge=1)
 
 
 class Params(Section):
     synth: SynthConfig = SynthConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     ingest: IngestConfig = IngestConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     split: SplitConfig = SplitConfig()

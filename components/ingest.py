@@ -245,6 +245,23 @@ def _lgg_demographics(row: pd.Series) -> dict:
     return demographics | {f"clinical_{name}": value for name, value in row.items() if name != "age_at_initial_pathologic"}
 
 
+def _from_source(entry: Entry) -> Entry:
+    entry.extra.setdefault("origin", "source")
+    return entry
+
+
+def feedback_entries(config: IngestConfig) -> list[Entry]:
+    """Clinician-labelled served slices (the feedback stage's class folders), marked for training only."""
+    folder = config.feedback_dir
+    if folder is None or not folder.is_dir() or not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*")):
+        return []
+    entries = folder_entries(folder, config)
+    for entry in entries:
+        entry.relative = f"feedback/{entry.relative}"
+        entry.extra["origin"] = "feedback"
+    return entries
+
+
 ADAPTERS = {"folders": folder_entries, "lgg": lgg_entries, "nifti": nifti_entries, "dicom": dicom_entries}
 
 
@@ -334,7 +351,7 @@ def describe(entry: Entry, key: bytes, cache: PixelCache) -> tuple[dict, np.ndar
 def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     root = config.source
     layout = detect_format(root) if config.format == "auto" else config.format
-    entries = ADAPTERS[layout](root, config)
+    entries = [_from_source(entry) for entry in ADAPTERS[layout](root, config)] + feedback_entries(config)
     key = get_settings().secret_key()
     source_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     cache_name = f"ingest-{source_key}-{code_version('components.dedup')}.npz"

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(None, description="Defaults to a SQLite store in the workspace.")
     pseudonym_key: str | None = Field(None, description="Secret for subject pseudonyms; never commit it.")
     prediction_log: Path | None = Field(None, description="SQLite file of served predictions.")
+    keep_images: bool = Field(True, description="Keep served slices (re-encoded, no metadata) so feedback can become training data.")
+    image_store: Path | None = Field(None, description="Folder of kept slices; defaults to 'served/' beside the prediction log.")
 
     @property
     def tracking_uri(self) -> str:
@@ -51,6 +53,10 @@ class Settings(BaseSettings):
     @property
     def prediction_log_path(self) -> Path:
         return self.prediction_log or self.root / "data" / "predictions.sqlite"
+
+    @property
+    def image_store_path(self) -> Path:
+        return self.image_store or self.prediction_log_path.parent / "served"
 
     @property
     def state_dir(self) -> Path:

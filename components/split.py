@@ -16,6 +16,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from components.config import SplitConfig, load_params
 from components.errors import DataError, TumorScopeError
 
+GIANT_GROUP_SHARE = 0.05
+
 
 def leakage_groups(manifest: pd.DataFrame) -> np.ndarray:
     """Connected components of images joined by subject or near-duplicate group."""
@@ -43,6 +45,36 @@ def _hold_out(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
 
 
 def assign(manifest: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
+    """Train/val/test and folds. Feedback rows (``origin == 'feedback'``) only ever train: the split of
+    the source rows is computed without them, so the test set stays fixed across retrainings."""
+    is_feedback = manifest["origin"].eq("feedback").to_numpy() if "origin" in manifest.columns else np.zeros(len(manifest), bool)
+    source = _assign_source(manifest[~is_feedback].reset_index(drop=True), config)
+    if not is_feedback.any():
+        return source
+    return _add_feedback(source, manifest[is_feedback].reset_index(drop=True), config)
+
+
+def _add_feedback(source: pd.DataFrame, feedback: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
+    """Feedback rows join the training split, in their leakage group's fold; a row linked (as a near-duplicate)
+    to a validation or test image is dropped, since keeping it would leak and moving the image would change the test set."""
+    combined = pd.concat([source, feedback], ignore_index=True)
+    joint = leakage_groups(combined)
+    held_out = set(joint[: len(source)][source["split"].to_numpy() != "train"])
+    source_group = dict(zip(joint[: len(source)], zip(source["group"], source["fold"])))
+    rows, dropped, offset = [], 0, int(source["group"].max()) + 1
+    for position, row in enumerate(feedback.to_dict("records")):
+        component = joint[len(source) + position]
+        if component in held_out:
+            dropped += 1
+            continue
+        group, fold = source_group.get(component, (offset + int(component), int(component) % config.folds if config.folds >= 2 else -1))
+        rows.append({**row, "group": group, "split": "train", "fold": fold})
+    if dropped:
+        print(f"split: {dropped} feedback images duplicate validation/test images and are left out")
+    return pd.concat([source, pd.DataFrame(rows, columns=[*feedback.columns, "group", "split", "fold"])], ignore_index=True)
+
+
+def _assign_source(manifest: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     groups = leakage_groups(manifest)
     labels = manifest["label"].to_numpy()
     split = np.full(len(manifest), "train", dtype=object)
@@ -81,6 +113,11 @@ def run(config: SplitConfig) -> pd.DataFrame:
         raise DataError(config.manifest, "manifest not found: run the ingest stage first")
     assigned = assign(pd.read_csv(config.manifest), config)
     check_no_leak(assigned)
+    largest = assigned["group"].value_counts()
+    share = largest.iloc[0] / len(assigned)
+    print(f"split: {len(largest)} independent groups; the largest holds {largest.iloc[0]} images ({share:.0%})")
+    if share > GIANT_GROUP_SHARE:  # safe against leaks, but one split then stands for one group, not the population
+        print(f"split: warning: one group holds {share:.0%} of the images; check ingest.duplicate_correlation (chained near-duplicates)")
     config.out.parent.mkdir(parents=True, exist_ok=True)
     assigned.to_csv(config.out, index=False)
     table = pd.crosstab(assigned["split"], assigned["label"])

@@ -78,3 +78,22 @@ def test_a_planted_resaved_copy_is_grouped_kept_in_one_split_and_caught_when_mov
     moved.loc[is_copy.to_numpy().nonzero()[0][0], "split"] = "test" if assigned.loc[is_copy, "split"].iloc[0] != "test" else "train"
     with pytest.raises(TumorScopeError, match="duplicate_group"):
         check_no_leak(moved)
+
+
+def test_feedback_rows_only_train_and_leave_the_test_split_fixed():
+    config = SplitConfig(seed=2, folds=4)
+    source = _manifest().assign(origin="source")
+    before = assign(source, config)
+    feedback = pd.DataFrame(
+        [{"image_id": f"f{k}", "subject": f"fb{k}", "duplicate_group": f"fd{k}", "label": "tumor", "origin": "feedback"} for k in range(6)]
+    )
+    test_image = before.loc[before["split"] == "test", "image_id"].iloc[0]
+    feedback.loc[0, "duplicate_group"] = before.loc[before["image_id"] == test_image, "duplicate_group"].iloc[
+        0
+    ]  # a re-upload of a test image
+    after = assign(pd.concat([source, feedback], ignore_index=True), config)
+    for part in ("test", "val"):
+        assert set(after.loc[after["split"] == part, "image_id"]) == set(before.loc[before["split"] == part, "image_id"])
+    added = after[after["origin"] == "feedback"]
+    assert set(added["image_id"]) == {f"f{k}" for k in range(1, 6)} and set(added["split"]) == {"train"}
+    check_no_leak(after)
