@@ -26,15 +26,16 @@ class DriftResult:
         self.snapshot.save_html(str(html))
         self.snapshot.save_json(str(json_path))
 
-    def add_to_workspace(self, workspace: Path, project: str) -> str:
-        """Keep this run as a snapshot in a local Evidently workspace, so `evidently ui` shows the trend."""
-        from evidently.ui.workspace import Workspace
 
-        space = Workspace.create(str(workspace))
-        found = space.search_project(project)
-        target = found[0] if found else space.create_project(project)
-        space.add_run(target.id, self.snapshot, include_data=False)
-        return str(target.id)
+def add_snapshot(workspace: Path, project: str, snapshot) -> str:
+    """Keep a report as a snapshot in a local Evidently workspace, so `evidently ui` shows the trend."""
+    from evidently.ui.workspace import Workspace
+
+    space = Workspace.create(str(workspace))
+    found = space.search_project(project)
+    target = found[0] if found else space.create_project(project)
+    space.add_run(target.id, snapshot, include_data=False)
+    return str(target.id)
 
 
 class DriftDetector:

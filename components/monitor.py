@@ -9,21 +9,28 @@ triggered or not) that the monitoring flow acts on.
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 
-from components.config import MonitorConfig, load_params
+from components.config import NO_TUMOUR, MonitorConfig, load_params
 from components.errors import DataError
 from components.predictions import PredictionLog
 from components.settings import get_settings
 
-NUMERICAL = ["mean", "std", "p01", "p50", "p99", "foreground", "confidence", "tumour_probability"]
+IMAGE_COLUMNS = ["mean", "std", "p01", "p50", "p99", "foreground"]
+OUTPUT_COLUMNS = ["confidence", "tumour_probability"]
+NUMERICAL = IMAGE_COLUMNS + OUTPUT_COLUMNS
 CATEGORICAL = ["predicted_label"]
+METADATA_COLUMNS = ["site", "sex", "age_band"]
 DECISION_FILE, HISTORY_FILE = "decision.json", "decisions.jsonl"
 METRICS_FILE = Path("reports/metrics.json")
+COOLDOWN_OVERRIDE = "TUMORSCOPE_MONITOR_COOLDOWN_HOURS"
+WORKSPACE, DRIFT_PROJECT, QUALITY_PROJECT = "evidently-workspace", "tumorscope-monitoring", "tumorscope-quality"
 
 
 @dataclass
@@ -35,12 +42,16 @@ class MonitorDecision:
     drifted_columns: list[str] = field(default_factory=list)
     report_html: str = ""
     model_version: str | None = None  # the champion whose predictions and reference were compared
+    embedding_drifted_share: float | None = None
+    feedback_quality: dict = field(default_factory=dict)
+    subgroup_sensitivity_gap: float | None = None
+    reports: list[str] = field(default_factory=list)
     time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def feedback_quality(current: pd.DataFrame, baseline_accuracy: float | None, config: MonitorConfig) -> tuple[bool, str | None]:
     """Accuracy on clinician-labelled predictions against the test accuracy at training time."""
-    labelled = current.dropna(subset=["feedback_label"]) if "feedback_label" in current else current.iloc[:0]
+    labelled = _labelled(current)
     if len(labelled) < config.min_feedback or baseline_accuracy is None:
         return False, f"{len(labelled)} feedback labels; quality is judged from {config.min_feedback}" if len(labelled) else None
     accuracy = float((labelled["feedback_label"] == labelled["predicted_label"]).mean())
@@ -52,12 +63,40 @@ def feedback_quality(current: pd.DataFrame, baseline_accuracy: float | None, con
     )
 
 
+def _labelled(current: pd.DataFrame) -> pd.DataFrame:
+    return current.dropna(subset=["feedback_label"]) if "feedback_label" in current else current.iloc[:0]
+
+
+def subgroup_gap(labelled: pd.DataFrame, config: MonitorConfig) -> tuple[float | None, pd.DataFrame]:
+    """The largest difference in sensitivity between subgroups (sex, age band, site) on feedback labels,
+    over groups with at least ``min_subgroup_feedback`` tumour cases."""
+    from components.fairness import subgroup_table
+
+    if labelled.empty:
+        return None, pd.DataFrame()
+    table = subgroup_table(
+        labelled, labelled["feedback_label"].ne(NO_TUMOUR).to_numpy(), labelled["predicted_label"].ne(NO_TUMOUR).to_numpy()
+    )
+    judged = table[(table["positives"] >= config.min_subgroup_feedback) & table["sensitivity"].notna()] if len(table) else table
+    gaps = [float(rows["sensitivity"].max() - rows["sensitivity"].min()) for _, rows in judged.groupby("subgroup") if len(rows) > 1]
+    return (max(gaps) if gaps else None), table
+
+
 def in_cooldown(history: list[dict], config: MonitorConfig, now: datetime) -> str | None:
     """Why retraining must wait, if a retraining decision was taken less than the cooldown ago."""
     triggered = [datetime.fromisoformat(entry["time"]) for entry in history if entry.get("retrain")]
     if triggered and now - max(triggered) < timedelta(hours=config.cooldown_hours):
         return f"cooldown: the last retraining decision was at {max(triggered).isoformat()} (cooldown {config.cooldown_hours} h)"
     return None
+
+
+def _present(columns: list[str], reference: pd.DataFrame, current: pd.DataFrame, min_known: float = 0.8) -> list[str]:
+    """Columns both tables hold with mostly known values (older models and callers leave some empty)."""
+    return [
+        c
+        for c in columns
+        if c in reference and c in current and reference[c].notna().mean() >= min_known and current[c].notna().mean() >= min_known
+    ]
 
 
 def decide(
@@ -68,28 +107,84 @@ def decide(
     history: list[dict] | None = None,
     now: datetime | None = None,
 ) -> MonitorDecision:
-    """Drift and feedback quality, each a reason; retrain when either says so and no cooldown holds."""
-    from components.drift import DriftDetector
+    """Data drift, embedding drift, feedback quality and subgroup gap, each a reason (triggered or not);
+    retrain when any triggers and no cooldown holds. Every report is saved and added to the workspace."""
+    from components.drift import DriftDetector, add_snapshot
+    from components.model import EMBEDDING_COLUMNS
 
     if len(current) < config.min_samples:
         return MonitorDecision(False, [f"only {len(current)} predictions; at least {config.min_samples} needed"], len(current))
-    result = DriftDetector(NUMERICAL, CATEGORICAL, config.drift_share).fit(reference).score(current)
-    drifted = result.drifted_share >= config.drift_share
-    verdict = "at or above" if drifted else "below"
-    reasons = [f"drifted column share {result.drifted_share:.2f} is {verdict} the threshold {config.drift_share}"]
-    if result.drifted_columns:
-        reasons.append("drifted: " + ", ".join(result.drifted_columns))
-    quality_dropped, quality_reason = feedback_quality(current, baseline_accuracy, config)
-    reasons += [quality_reason] if quality_reason else []
-    retrain = drifted or quality_dropped
-    waiting = in_cooldown(history or [], config, now or datetime.now(UTC)) if retrain else None
-    if waiting:
-        retrain, reasons = False, [*reasons, waiting]
     config.report_dir.mkdir(parents=True, exist_ok=True)
-    html = config.report_dir / "drift.html"
-    result.save(html, config.report_dir / "drift.json")
-    result.add_to_workspace(config.report_dir / "evidently-workspace", "tumorscope-monitoring")
-    return MonitorDecision(retrain, reasons, len(current), result.drifted_share, result.drifted_columns, str(html))
+    workspace = config.report_dir / WORKSPACE
+    categorical = CATEGORICAL + _present(METADATA_COLUMNS, reference, current)
+    data = DriftDetector(_present(NUMERICAL, reference, current), categorical, config.drift_share).fit(reference).score(current)
+    data.save(config.report_dir / "drift.html", config.report_dir / "drift.json")
+    add_snapshot(workspace, DRIFT_PROJECT, data.snapshot)
+    drifted = data.drifted_share >= config.drift_share
+    reasons = [
+        f"drifted column share {data.drifted_share:.2f} is {'at or above' if drifted else 'below'} the threshold {config.drift_share}"
+    ]
+    reasons += ["drifted: " + ", ".join(data.drifted_columns)] if data.drifted_columns else []
+    decision = MonitorDecision(
+        False, reasons, len(current), data.drifted_share, data.drifted_columns, str(config.report_dir / "drift.html")
+    )
+    decision.reports.append(decision.report_html)
+    triggers = [drifted]
+    embedding = _present(EMBEDDING_COLUMNS, reference, current)
+    if embedding:
+        moved = DriftDetector(embedding, [], config.embedding_drift_share).fit(reference).score(current)
+        moved.save(config.report_dir / "embedding-drift.html", config.report_dir / "embedding-drift.json")
+        add_snapshot(workspace, DRIFT_PROJECT, moved.snapshot)
+        decision.embedding_drifted_share = moved.drifted_share
+        triggers.append(moved.drifted_share >= config.embedding_drift_share)
+        verdict = "at or above" if triggers[-1] else "below"
+        decision.reasons.append(
+            f"embedding drift share {moved.drifted_share:.2f} is {verdict} the threshold {config.embedding_drift_share}"
+        )
+        decision.reports.append(str(config.report_dir / "embedding-drift.html"))
+    quality_dropped, quality_reason = feedback_quality(current, baseline_accuracy, config)
+    triggers.append(quality_dropped)
+    decision.reasons += [quality_reason] if quality_reason else []
+    triggers.append(_judge_feedback(_labelled(current), config, decision, workspace))
+    decision.retrain = any(triggers)
+    waiting = in_cooldown(history or [], config, now or datetime.now(UTC)) if decision.retrain else None
+    if waiting:
+        decision.retrain = False
+        decision.reasons.append(waiting)
+    return decision
+
+
+def _judge_feedback(labelled: pd.DataFrame, config: MonitorConfig, decision: MonitorDecision, workspace: Path) -> bool:
+    """Evidently quality reports on feedback labels (overall and per subgroup) and the subgroup-gap trigger."""
+    from components.drift import add_snapshot
+    from components.fairness import with_age_band
+    from components.quality import classification_quality
+
+    if len(labelled) < config.min_feedback:
+        return False
+    quality = classification_quality(labelled)
+    quality.save(config.report_dir / "quality.html", config.report_dir / "quality.json")
+    add_snapshot(workspace, QUALITY_PROJECT, quality.snapshot)
+    decision.feedback_quality = quality.metrics
+    decision.reports.append(str(config.report_dir / "quality.html"))
+    banded = with_age_band(labelled)
+    for column in (c for c in METADATA_COLUMNS if c in banded):
+        for value, rows in banded.groupby(column):
+            if len(rows) >= config.min_subgroup_feedback:
+                name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{column}-{value}")
+                classification_quality(rows).save(config.report_dir / f"quality-{name}.html", config.report_dir / f"quality-{name}.json")
+                decision.reports.append(str(config.report_dir / f"quality-{name}.html"))
+    gap, table = subgroup_gap(labelled, config)
+    if len(table):
+        table.to_csv(config.report_dir / "subgroups.csv", index=False)
+    decision.subgroup_sensitivity_gap = gap
+    if gap is None:
+        return False
+    widened = gap > config.max_subgroup_gap
+    decision.reasons.append(
+        f"subgroup sensitivity gap on feedback {gap:.2f} is {'above' if widened else 'within'} {config.max_subgroup_gap}"
+    )
+    return widened
 
 
 def _history(report_dir: Path) -> list[dict]:
@@ -154,7 +249,11 @@ def main() -> None:
 
     def work() -> MonitorDecision:
         params = load_params()
-        return run(params.monitor, model_name=params.register_.model_name)
+        config = params.monitor
+        override = os.environ.get(COOLDOWN_OVERRIDE)
+        if override is not None:  # `tumorscope monitor --cooldown-hours`, e.g. the demo's second check
+            config = config.model_copy(update={"cooldown_hours": float(override)})
+        return run(config, model_name=params.register_.model_name)
 
     run_stage(work)
 

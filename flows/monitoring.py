@@ -2,8 +2,10 @@
 
 The check runs as its own process (``python -m components.monitor``), like every
 stage, and writes its decision with reasons; when the decision says retrain, the
-training flow runs from the train stage on, and the gate decides whether the
-new model replaces the champion.
+training flow runs (the feedback stage turns new clinician labels into a new data
+version; training is forced even without them), the gate decides whether the new
+model replaces the champion, and a running endpoint (``TUMORSCOPE_SERVICE_URL``)
+reloads it. One retraining at a time: a Prefect global concurrency limit.
 
     python -m flows.monitoring --serve    # with a Prefect server: hourly schedule
 """
@@ -11,6 +13,7 @@ new model replaces the champion.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +21,21 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.states import Failed
 
+from components.monitor import COOLDOWN_OVERRIDE
 from components.stage import ERROR_MARK
 from flows.training import stage_env, training
 
 DEFAULT_CRON = "0 * * * *"
+RETRAINING_LIMIT = "tumorscope-retraining"
 
 
 @task(task_run_name="drift-check")
-def check_drift(workdir: str, prediction_log: str | None = None) -> dict:
+def check_drift(workdir: str, prediction_log: str | None = None, cooldown_hours: float | None = None) -> dict:
     env = stage_env(Path(workdir))
     if prediction_log:
         env["TUMORSCOPE_PREDICTION_LOG"] = str(Path(prediction_log).resolve())
+    if cooldown_hours is not None:
+        env[COOLDOWN_OVERRIDE] = str(cooldown_hours)
     process = subprocess.run([sys.executable, "-m", "components.monitor"], cwd=workdir, env=env, capture_output=True, text=True)
     print(process.stdout.strip())
     if process.returncode != 0:
@@ -40,19 +47,59 @@ def check_drift(workdir: str, prediction_log: str | None = None) -> dict:
     return json.loads((report_dir / "decision.json").read_text())
 
 
+def retraining_slot() -> None:
+    """The Prefect global concurrency limit that lets one retraining run at a time per workspace (DVC's
+    lock would fail the second one); created with one slot on first use."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(RETRAINING_LIMIT)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=RETRAINING_LIMIT, limit=1))
+
+
+@task(task_run_name="reload-service", retries=2, retry_delay_seconds=5)
+def reload_service(service_url: str) -> dict:
+    """Ask the running endpoint to serve the newest packaged model (no restart, no downtime)."""
+    import httpx
+
+    response = httpx.post(f"{service_url.rstrip('/')}/reload", json={}, timeout=120)
+    response.raise_for_status()
+    print(f"service at {service_url} now serves version {response.json()['model_version']}")
+    return response.json()
+
+
 @flow(name="monitoring", log_prints=True)
-def monitoring(workdir: str = ".", retrain: bool = True, prediction_log: str | None = None) -> dict:
-    decision = check_drift(workdir, prediction_log)
+def monitoring(
+    workdir: str = ".",
+    retrain: bool = True,
+    prediction_log: str | None = None,
+    cooldown_hours: float | None = None,
+    service_url: str | None = None,
+) -> dict:
+    """Check; when the decision says retrain: the training flow (new feedback labels become a new data version,
+    the model is retrained, the gate decides), then the endpoint reloads if a new champion was packaged."""
+    from prefect.concurrency.sync import concurrency
+
+    decision = check_drift(workdir, prediction_log, cooldown_hours)
     if "error" in decision:
         return Failed(message=f"monitoring: {decision['error']}")
     decision["retrained"] = False
     if decision["retrain"] and retrain:
-        print("drift detected: starting the training flow (retraining)")
-        state = training(workdir=workdir, force_from="train", return_state=True)
+        print("retraining: " + "; ".join(decision["reasons"]))
+        retraining_slot()
+        with concurrency(RETRAINING_LIMIT, occupy=1, strict=True, timeout_seconds=3600):
+            state = training(workdir=workdir, force_from="train", return_state=True)
         if state.is_failed():
             return Failed(message=f"retraining failed: {state.message}")
         decision["training"] = state.result()
         decision["retrained"] = True
+        service_url = service_url or os.environ.get("TUMORSCOPE_SERVICE_URL")
+        if service_url and (decision["training"].get("gate") or {}).get("promoted"):
+            decision["service"] = reload_service(service_url)
     return decision
 
 

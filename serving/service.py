@@ -15,6 +15,7 @@ import os
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
@@ -26,7 +27,7 @@ with bentoml.importing():
     from components.errors import DataError
     from components.fairness import AGE_BANDS
     from components.imaging import read_slice, slice_stats
-    from components.model import Classifier, tumour_probability
+    from components.model import EMBEDDING_COLUMNS, Classifier, tumour_probability
     from components.predictions import PredictionLog
     from components.settings import get_settings
 
@@ -37,6 +38,14 @@ MAX_UPLOAD_BYTES = int(os.environ.get("TUMORSCOPE_MAX_UPLOAD_BYTES", 20 * 1024 *
 REVIEW_BELOW_CONFIDENCE = float(os.environ.get("TUMORSCOPE_REVIEW_BELOW_CONFIDENCE", 0.7))
 SITE_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
 IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    classifier: Classifier
+    name: str
+    version: str
+    tag: str
 
 
 def _refuse(status: HTTPStatus, message: str) -> BentoMLException:
@@ -69,6 +78,18 @@ def checked_subgroups(age_band: str | None, sex: str | None, site: str | None) -
     return values
 
 
+def qc_flags(stats: dict[str, float]) -> str:
+    """Comma-separated quality flags of an input slice (empty when none), kept in the prediction log."""
+    flags = []
+    if stats["std"] < 0.02 or stats["foreground"] < 0.02:
+        flags.append("blank")
+    if stats["p99"] - stats["p01"] < 0.1:
+        flags.append("low_contrast")
+    if min(stats["width"], stats["height"]) < 64:
+        flags.append("small")
+    return ",".join(flags)
+
+
 def review_reason(confidence: float, stats: dict[str, float]) -> str | None:
     """Why a clinician should look before anyone acts on this answer, if they should."""
     if stats["std"] < 0.02 or stats["foreground"] < 0.02:
@@ -83,12 +104,16 @@ class TumorScope:
     bento_model = bentoml.models.BentoModel(f"{BENTO_MODEL}:latest")
 
     def __init__(self) -> None:
-        folder = Path(self.bento_model.path)
-        self.classifier = Classifier.load(folder)
+        self._use(Path(self.bento_model.path), str(self.bento_model.tag))
+        settings = get_settings()
+        self.log = PredictionLog(settings.prediction_log_path)
+        self.image_store = settings.image_store_path if settings.keep_images else None
+
+    def _use(self, folder: Path, tag: str) -> None:
+        """Load a model folder and swap it in as one assignment, so requests in flight keep a whole model."""
         identity = json.loads((folder / "model.json").read_text())
-        self.model_name = identity.get("registered_model", BENTO_MODEL)
-        self.model_version = identity.get("model_version", str(self.bento_model.tag.version))
-        self.log = PredictionLog(get_settings().prediction_log_path)
+        name, version = identity.get("registered_model", BENTO_MODEL), identity.get("model_version", tag.split(":")[-1])
+        self.served = ServedModel(Classifier.load(folder), name, version, tag)
 
     @bentoml.api
     def predict(self, image: Path, age_band: str | None = None, sex: str | None = None, site: str | None = None) -> dict:
@@ -104,23 +129,48 @@ class TumorScope:
         except DataError as exc:
             raise _refuse(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
         subgroups = checked_subgroups(age_band, sex, site)
-        probabilities = self.classifier.predict_proba([pixels])[0]
+        served = self.served  # one model for the whole request, even if a reload swaps it meanwhile
+        probabilities, features = served.classifier.predict([pixels])
+        embedding = dict(zip(EMBEDDING_COLUMNS, served.classifier.embeddings(features)[0].tolist()))
         stats = slice_stats(pixels)
-        answer = self._answer(probabilities, stats)
-        self._record(answer, data, {**stats, **subgroups}, started)
+        answer = self._answer(served, probabilities[0], stats)
+        self._keep(answer["prediction_id"], pixels)
+        self._record(answer, data, {**stats, **embedding, **subgroups, "qc_flags": qc_flags(stats)}, started)
         return answer
+
+    @bentoml.api(route="/reload")
+    def reload(self) -> dict:
+        """Serve the newest packaged model (after a retraining promoted one) without a restart; in-flight
+        requests finish on the model they started with."""
+        latest = bentoml.models.get(f"{BENTO_MODEL}:latest")
+        previous = self.served.version
+        if str(latest.tag) != self.served.tag:
+            self._use(Path(latest.path), str(latest.tag))
+        return {"model_name": self.served.name, "model_version": self.served.version, "previous_version": previous}
 
     @bentoml.api
     def feedback(self, prediction_id: str, label: str) -> dict:
         """A clinician confirms or corrects a prediction; the label feeds monitoring and the next data version."""
-        if label not in self.classifier.spec.classes:
-            raise _refuse(HTTPStatus.UNPROCESSABLE_ENTITY, f"label must be one of {self.classifier.spec.classes}")
+        classes = self.served.classifier.spec.classes
+        if label not in classes:
+            raise _refuse(HTTPStatus.UNPROCESSABLE_ENTITY, f"label must be one of {classes}")
         if not self.log.add_feedback(prediction_id, label, datetime.now(UTC).isoformat(timespec="milliseconds")):
             raise _refuse(HTTPStatus.NOT_FOUND, f"no prediction with id {prediction_id!r}")
         return {"prediction_id": prediction_id, "feedback_label": label, "stored": True}
 
-    def _answer(self, probabilities, stats: dict[str, float]) -> dict:
-        classes = self.classifier.spec.classes
+    def _keep(self, prediction_id: str, pixels) -> None:
+        """The slice as decoded pixels in a fresh 16-bit PNG (no metadata from the upload survives), named by
+        the random prediction ID: what a clinician's feedback turns into training data."""
+        if self.image_store is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        self.image_store.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((pixels * 65535).astype(np.uint16)).save(self.image_store / f"{prediction_id}.png")
+
+    def _answer(self, served: ServedModel, probabilities, stats: dict[str, float]) -> dict:
+        classes = served.classifier.spec.classes
         confidence = float(probabilities.max())
         reason = review_reason(confidence, stats)
         return {
@@ -128,9 +178,9 @@ class TumorScope:
             "label": classes[int(probabilities.argmax())],
             "probabilities": {name: float(p) for name, p in zip(classes, probabilities)},
             "confidence": confidence,
-            "tumour_probability": float(tumour_probability(probabilities[None], self.classifier.spec)[0]),
-            "model_name": self.model_name,
-            "model_version": self.model_version,
+            "tumour_probability": float(tumour_probability(probabilities[None], served.classifier.spec)[0]),
+            "model_name": served.name,
+            "model_version": served.version,
             "needs_review": reason is not None,
             "review_reason": reason,
         }

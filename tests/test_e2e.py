@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 
 from tests.conftest import make_workspace, workspace_env
@@ -19,7 +20,8 @@ from tests.conftest import make_workspace, workspace_env
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "synth": {"subjects": 48, "slices_per_subject": 2, "image_size": 64},
+    "synth": {"subjects": 60, "slices_per_subject": 2, "image_size": 64},
+    "split": {"test_fraction": 0.3},  # a reference of ~36 test images for monitoring
     "train": {"image_size": 48, "epochs": 2, "batch_size": 16, "channels": [8, 16, 32, 32], "patience": 2},
     "register": {
         "min_accuracy": 0.0,
@@ -29,7 +31,9 @@ TINY = {
         "min_subgroup_sensitivity": 0.0,
         "tolerance": 1.0,
     },
-    "monitor": {"window": 40, "min_samples": 20},
+    # a small reference: per-column tests on 40 predictions flag a few columns by chance, so the tiny
+    # workspace asks for most columns to move (a scanner shift moves all six image statistics)
+    "monitor": {"window": 40, "min_samples": 20, "drift_share": 0.6},
 }
 
 
@@ -79,13 +83,14 @@ def test_mlflow_run_holds_params_epoch_metrics_model_and_champion(workspace: Pat
 
 
 def test_nothing_changed_is_a_no_op_and_a_train_param_reruns_train_onward(workspace: Path):
-    output = dvc(workspace, "repro")
-    assert "Data and pipelines are up to date" in output and "Running stage" not in output
+    def ran(output: str) -> set[str]:
+        return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+    # the feedback stage always runs (it reads the prediction log); with no new labels nothing after it does
+    assert ran(dvc(workspace, "repro")) == {"feedback"}
     params = workspace / "params.yaml"
     params.write_text(params.read_text().replace("epochs: 2", "epochs: 3"))
-    rerun = dvc(workspace, "repro")
-    ran = {line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "register", "package"}
+    assert ran(dvc(workspace, "repro")) == {"feedback", "train", "evaluate", "register", "package"}
 
 
 def test_batch_prediction_writes_one_row_per_image_with_class_probabilities(workspace: Path, tmp_path: Path):
@@ -93,8 +98,6 @@ def test_batch_prediction_writes_one_row_per_image_with_class_probabilities(work
     folder = workspace / "data" / "synth" / "tumor"
     result = tumorscope(workspace, "predict", str(folder), "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    import pandas as pd
-
     predictions = pd.read_csv(out)
     assert list(predictions.columns) == ["path", "predicted_label", "confidence", "prob_notumor", "prob_tumor"]
     assert len(predictions) == len(list(folder.glob("*.png")))
@@ -195,18 +198,25 @@ def test_bad_uploads_get_clear_4xx(endpoint: str, tmp_path: Path):
     assert httpx.get(f"{endpoint}/readyz", timeout=5).status_code == 200
 
 
-def _send_cohort(url: str, folder: Path, count: int) -> None:
+def _send_cohort(url: str, folder: Path, count: int, feedback: bool = False) -> None:
+    """POST ``count`` slices; with ``feedback``, a clinician confirms each with its true label (its class folder)."""
     images = sorted(folder.glob("*/*.png"))
     images = [p for p in images if p.parent.name != "masks"][:count]
     for image in images:
-        assert post(url, image).status_code == 200
+        answer = post(url, image)
+        assert answer.status_code == 200
+        if feedback:
+            labelled = httpx.post(
+                f"{url}/feedback", json={"prediction_id": answer.json()["prediction_id"], "label": image.parent.name}, timeout=30
+            )
+            assert labelled.status_code == 200
 
 
 def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: str, tmp_path: Path):
     from components.config import SynthConfig
     from components.synth import run as synthesise
 
-    synthesise(SynthConfig(out=tmp_path / "same", subjects=24, image_size=64, seed=101))
+    synthesise(SynthConfig(out=tmp_path / "same", subjects=40, slices_per_subject=1, image_size=64, seed=101))
     synthesise(SynthConfig(out=tmp_path / "shifted", subjects=24, image_size=64, seed=102, shift="scanner"))
     version_before = read(workspace, "gate.json")["candidate_version"]
     served = read(workspace, "package.json")["model_version"]
@@ -217,15 +227,30 @@ def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: 
     assert "no retraining" in quiet.stdout
     assert read(workspace, "gate.json")["candidate_version"] == version_before
 
-    _send_cohort(endpoint, tmp_path / "shifted", 40)
-    drifted = tumorscope(workspace, "monitor")
+    test_before = set(pd.read_csv(workspace / "data" / "split.csv").query("split == 'test'")["image_id"])
+    _send_cohort(endpoint, tmp_path / "shifted", 40, feedback=True)
+    drifted = tumorscope(workspace, "monitor", "--service-url", endpoint)
     assert drifted.returncode == 0, drifted.stdout[-3000:] + drifted.stderr[-3000:]
     assert "retrained" in drifted.stdout
     decision = json.loads((workspace / "reports" / "monitoring" / "decision.json").read_text())
     assert decision["retrain"] and "mean" in decision["drifted_columns"]
     assert decision["model_version"] == served, "compared with the serving champion's own reference"
-    assert (workspace / "reports" / "monitoring" / "drift.html").stat().st_size > 10_000
-    assert int(read(workspace, "gate.json")["candidate_version"]) > int(version_before)
+    assert decision["embedding_drifted_share"] is not None and decision["feedback_quality"]["accuracy"] is not None
+    for report in ("drift.html", "embedding-drift.html", "quality.html"):
+        assert (workspace / "reports" / "monitoring" / report).stat().st_size > 10_000
+    gate = read(workspace, "gate.json")
+    assert int(gate["candidate_version"]) > int(version_before) and gate["promoted"]
+    # the labelled traffic became a new data version, used for training only: the test split did not move
+    with sqlite3.connect(workspace / "data" / "predictions.sqlite") as db:
+        labelled = db.execute("SELECT COUNT(*) FROM predictions WHERE feedback_label IS NOT NULL").fetchone()[0]
+    assert labelled >= 40 and len(list((workspace / "data" / "feedback").rglob("*.png"))) == labelled
+    assert "data/feedback" in (workspace / "dvc.lock").read_text()
+    split = pd.read_csv(workspace / "data" / "split.csv")
+    assert set(split.loc[split["origin"] == "feedback", "split"]) == {"train"}
+    assert set(split.query("split == 'test'")["image_id"]) == test_before
+    # and the running endpoint reloaded the new champion without a restart
+    answer = post(endpoint, next((tmp_path / "same" / "tumor").glob("*.png"))).json()
+    assert answer["model_version"] == gate["candidate_version"] != served
 
 
 def test_bad_data_stops_the_flow_with_one_clear_line_and_no_traceback(tmp_path: Path):
@@ -240,12 +265,23 @@ def test_bad_data_stops_the_flow_with_one_clear_line_and_no_traceback(tmp_path: 
 
 
 def test_dvc_experiments_sweep_a_param_and_record_each_run(workspace: Path):
-    identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    identity = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.org",
+    }
     env = workspace_env(workspace) | identity
     for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
         subprocess.run(command, cwd=workspace, env=env, check=True, capture_output=True)
     for top_k in (5, 8):
-        run = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"features.top_k={top_k}"], cwd=workspace, env=env, capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-m", "dvc", "exp", "run", "-S", f"features.top_k={top_k}"],
+            cwd=workspace,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         assert "Running stage 'features'" in run.stdout and "Running stage 'train'" not in run.stdout
         assert len(json.loads((workspace / "reports" / "features" / "selected.json").read_text())["features"]) == top_k

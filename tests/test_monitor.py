@@ -54,3 +54,45 @@ def test_quality_drop_on_feedback_retrains_without_drift(tmp_path: Path):
     current["feedback_label"] = np.where(np.arange(100) < 40, np.where(current["predicted_label"] == "tumor", "notumor", "tumor"), None)
     decision = decide(_config(tmp_path, max_accuracy_drop=0.1), reference, current, baseline_accuracy=0.95)
     assert decision.retrain and any("feedback labels 0.000 vs 0.950" in r for r in decision.reasons)
+
+
+def _labelled_traffic(rng, n: int, miss_at_site: str | None = None) -> pd.DataFrame:
+    """Predictions with feedback at sites A and B; ``miss_at_site`` makes the model miss most tumours there."""
+    frame = _records(rng, n)
+    frame["site"] = np.where(np.arange(n) % 2, "site-A", "site-B")
+    frame["feedback_label"] = rng.choice(["notumor", "tumor"], n)
+    frame["predicted_label"] = frame["feedback_label"]
+    if miss_at_site:
+        missed = (frame["site"] == miss_at_site) & (frame["feedback_label"] == "tumor") & (rng.random(n) < 0.6)
+        frame.loc[missed, "predicted_label"] = "notumor"
+    return frame
+
+
+def test_a_subgroup_gap_on_feedback_retrains_and_quality_reports_are_written(tmp_path: Path):
+    rng = np.random.default_rng(4)
+    reference = _records(rng, 300).assign(site=rng.choice(["site-A", "site-B"], 300))
+    fair = decide(_config(tmp_path / "fair", max_subgroup_gap=0.25), reference, _labelled_traffic(rng, 120), baseline_accuracy=0.9)
+    assert not fair.retrain and fair.subgroup_sensitivity_gap == 0.0
+    unfair = decide(
+        _config(tmp_path / "unfair", max_subgroup_gap=0.25, max_accuracy_drop=0.5),
+        reference,
+        _labelled_traffic(rng, 120, "site-B"),
+        baseline_accuracy=0.9,
+    )
+    assert unfair.retrain and unfair.subgroup_sensitivity_gap > 0.25
+    assert any(r.startswith("subgroup sensitivity gap on feedback") and "above" in r for r in unfair.reasons)
+    assert unfair.feedback_quality["sensitivity"] < 0.9
+    for name in ("quality.html", "quality-site-site-A.html", "quality-site-site-B.html", "subgroups.csv"):
+        assert (tmp_path / "unfair" / name).exists()
+
+
+def test_embedding_drift_is_its_own_reason(tmp_path: Path):
+    rng = np.random.default_rng(5)
+    reference = _records(rng, 300)
+    current = _records(rng, 100)
+    for i in range(5):
+        reference[f"emb_{i}"] = rng.normal(0, 1, 300)
+        current[f"emb_{i}"] = rng.normal(1.5, 1, 100)  # the inputs look the same; the network sees something else
+    decision = decide(_config(tmp_path), reference, current)
+    assert decision.retrain and decision.embedding_drifted_share == 1.0 and decision.drifted_share < 0.5
+    assert (tmp_path / "embedding-drift.html").exists()
