@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ run: $(STAMP)   ## the whole pipeline on the default (synthetic) data, then a su
 
 test: $(STAMP)  ## the test suite (real tools, tiny data)
 	$(BIN)/python -m pytest
+
+demo: $(STAMP)  ## the monitoring loop on the synthetic cohort: serve, drift, feedback, retrain, gate, reload
+	$(BIN)/python -m flows.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check components flows serving tests bench
