@@ -180,7 +180,10 @@ def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str):
     mlflow.set_experiment(config.experiment)
     run = mlflow.start_run(run_name=f"train-{spec.network}-{spec.image_size}px")
     params = config.model_dump(mode="json", exclude={"split", "out_dir", "experiment"})
-    mlflow.log_params({**params, "classes": ",".join(spec.classes), "data_hash": data_hash})
+    # DDP splits each epoch across devices × nodes, each taking batch_size per step: the effective batch grows with
+    # them while learning_rate is used as given (no automatic scaling; scale it in params when adding nodes)
+    effective = {"effective_batch_size": config.batch_size * config.devices * config.num_nodes, "learning_rate_scaling": "none"}
+    mlflow.log_params({**params, **effective, "classes": ",".join(spec.classes), "data_hash": data_hash})
     return run
 
 

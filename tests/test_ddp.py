@@ -39,3 +39,48 @@ def test_two_process_ddp_trains_one_model_with_one_mlflow_run(tmp_path: Path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["devices"] == "2"
     assert (root / "models" / "model.pt").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_train_one_model_like_one_process(tmp_path: Path):
+    """2 "nodes" × 1 process on 127.0.0.1 (c10d rendezvous, gloo): one model, one MLflow run, and a validation
+    loss close to the single-process run's on the same data (the batches differ, so not identical)."""
+    import json
+
+    import mlflow
+
+    two_nodes = {**TINY_DDP, "train": {**TINY_DDP["train"], "devices": 1, "num_nodes": 2, "augment": False}}
+    root = make_workspace(tmp_path / "ws", two_nodes)
+    for name in ("synth", "ingest", "validate", "split"):
+        assert stage(root, name).returncode == 0
+    port, torchrun = _free_port(), str(Path(sys.executable).parent / "torchrun")
+    command = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", "tumorscope-test", "-m", "components.train"]  # fmt: skip
+    nodes = [
+        subprocess.Popen(command, cwd=root, env=workspace_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
+    assert sum(o.count("epoch 2/2") for o in outputs) == 1, "only global rank 0 reports"
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["num_nodes"] == "2"
+    assert runs[0].data.params["effective_batch_size"] == "16"
+    distributed_loss = runs[0].data.metrics["val_loss"]
+
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("num_nodes: 2", "num_nodes: 1"))
+    single = stage(root, "train")
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id], order_by=["attributes.start_time DESC"])
+    assert abs(runs[0].data.metrics["val_loss"] - distributed_loss) < 0.25, json.dumps(
+        {"single": runs[0].data.metrics, "two nodes": distributed_loss}
+    )
