@@ -30,3 +30,21 @@ def test_outside_a_workspace_says_so(tmp_path: Path):
 def test_unknown_stage_is_refused():
     result = subprocess.run([*CLI, "stage", "nope"], capture_output=True, text=True, cwd=PROJECT)
     assert result.returncode == 2 and "unknown stage 'nope'" in result.stderr
+
+
+def test_pointing_params_at_real_data_sets_source_name_and_the_real_data_duplicate_threshold(tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from components.cli import REAL_DATA_DUPLICATE_CORRELATION, _point_params_at
+
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "my-site" / "Training").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    _point_params_at(Path("my-site/Training"), None)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert params["ingest"]["source"] == str((tmp_path / "my-site" / "Training").resolve())
+    assert params["register"]["model_name"] == "tumorscope-my-site-training"
+    assert params["ingest"]["duplicate_correlation"] == REAL_DATA_DUPLICATE_CORRELATION == 0.97
+    assert "# TumorScope pipeline parameters" in (tmp_path / "params.yaml").read_text(), "comments are kept"
