@@ -12,6 +12,7 @@ from components.imaging import IMAGE_SUFFIXES, list_images, read_slice
 from components.model import Classifier
 
 BATCH = 64
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
 
 
 def load_classifier(model: str) -> Classifier:
@@ -28,18 +29,53 @@ def load_classifier(model: str) -> Classifier:
     return load_version(version)
 
 
+def _is_volume(path: Path) -> bool:
+    return path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
 def expand(inputs: list[Path]) -> list[Path]:
     files = []
     for path in inputs:
         if path.is_dir():
-            files += list_images(path)
-        elif path.suffix.lower() in IMAGE_SUFFIXES and path.exists():
+            files += list_images(path) + sorted(p for p in path.rglob("*") if p.is_file() and _is_volume(p))
+        elif not path.exists():
+            raise DataError(path, "not found")
+        elif path.suffix.lower() in IMAGE_SUFFIXES or _is_volume(path):
             files.append(path)
         else:
-            raise DataError(path, "not an image file (png, jpg, tif) or folder")
+            raise DataError(path, "not an image (png, jpg, tif), a NIfTI volume (.nii, .nii.gz) or a folder")
     if not files:
         raise TumorScopeError("no images found in the given inputs")
     return files
+
+
+def _rows(classifier: Classifier, names: list[str], images: list[np.ndarray]) -> pd.DataFrame:
+    classes = classifier.spec.classes
+    probabilities = classifier.predict_proba(images)
+    rows = pd.DataFrame(
+        {"path": names, "predicted_label": np.asarray(classes)[probabilities.argmax(1)], "confidence": probabilities.max(1)}
+    )
+    for index, name in enumerate(classes):
+        rows[f"prob_{name}"] = probabilities[:, index]
+    return rows
+
+
+def volume_rows(classifier: Classifier, path: Path) -> pd.DataFrame:
+    """One row per brain-bearing axial slice (``<file>#z<index>``), preprocessed as at ingestion, then one row for
+    the volume: the slice with the highest tumour probability speaks for it (a tumour seen on any slice is a
+    tumour in the volume), so its probabilities are the volume's."""
+    from components.config import NO_TUMOUR, PARAMS_FILE, VolumeConfig, load_params
+    from components.volumes import VolumeCase, axial_slices, prepare
+
+    config = load_params().ingest.volume if PARAMS_FILE.exists() else VolumeConfig()
+    volume = prepare(VolumeCase(path.name, {"image": path}), config)
+    slices = axial_slices(volume, config, None, unlabelled=True)
+    if not slices:
+        raise DataError(path, "no brain-bearing slice found")
+    rows = _rows(classifier, [f"{path}#z{s.index:03d}" for s in slices], [s.rgb.mean(axis=-1) / 255.0 for s in slices])
+    strongest = rows.loc[(1 - rows[f"prob_{NO_TUMOUR}"]).idxmax()].copy()
+    strongest["path"] = str(path)
+    return pd.concat([rows, strongest.to_frame().T], ignore_index=True)
 
 
 def predict_files(inputs: list[Path], model: str = "champion") -> pd.DataFrame:
@@ -47,14 +83,10 @@ def predict_files(inputs: list[Path], model: str = "champion") -> pd.DataFrame:
 
     classifier = load_classifier(model)
     files = expand(inputs)
-    classes = classifier.spec.classes
-    parts = []
-    for start in track(range(0, len(files), BATCH), description="predicting"):
-        chunk = files[start : start + BATCH]
-        probabilities = classifier.predict_proba([read_slice(path) for path in chunk])
-        part = pd.DataFrame({"path": [str(p) for p in chunk], "predicted_label": np.asarray(classes)[probabilities.argmax(1)]})
-        part["confidence"] = probabilities.max(1)
-        for index, name in enumerate(classes):
-            part[f"prob_{name}"] = probabilities[:, index]
-        parts.append(part)
+    slices, volumes = [f for f in files if not _is_volume(f)], [f for f in files if _is_volume(f)]
+    chunks = [slices[start : start + BATCH] for start in range(0, len(slices), BATCH)]
+    parts = [
+        _rows(classifier, [str(p) for p in chunk], [read_slice(p) for p in chunk]) for chunk in track(chunks, description="predicting")
+    ]
+    parts += [volume_rows(classifier, path) for path in volumes]
     return pd.concat(parts, ignore_index=True)

@@ -211,12 +211,13 @@ def ingest(
 
 @app.command()
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Slices (png, jpg, tif), NIfTI volumes (.nii, .nii.gz) or folders of them.")],
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
     model: Annotated[str, typer.Option(help="'champion' (registry alias) or a folder with model.pt + model.json.")] = "champion",
     workdir: Workspace = Path("."),
 ) -> None:
-    """Batch prediction: reads images and the model; writes path, predicted_label, confidence, prob_<class>."""
+    """Batch prediction: reads images and the model; writes path, predicted_label, confidence, prob_<class>.
+    A volume gives a row per brain slice (<file>#z<index>) and a row for the volume (its most suspicious slice)."""
     from components.batch import predict_files
 
     files = [path.resolve() for path in inputs]

@@ -374,8 +374,9 @@ def _to_sitk(volume: np.ndarray, affine: np.ndarray):
     return image
 
 
-def axial_slices(volume: PreparedVolume, config: VolumeConfig, volume_label: str | None) -> list[VolumeSlice]:
-    """Brain-bearing axial slices with their labels (the rule is in the module docstring)."""
+def axial_slices(volume: PreparedVolume, config: VolumeConfig, volume_label: str | None, unlabelled: bool = False) -> list[VolumeSlice]:
+    """Brain-bearing axial slices with their labels (the rule is in the module docstring); ``unlabelled`` keeps
+    the slices whose label is unknown too (label None), as prediction needs every slice."""
     brain_area = volume.brain.sum(axis=(0, 1))
     spacing = volume.spacing
     pixel_mm2 = spacing[0] * spacing[1]
@@ -384,7 +385,7 @@ def axial_slices(volume: PreparedVolume, config: VolumeConfig, volume_label: str
     for z in np.flatnonzero(brain_area >= config.min_brain_fraction * brain_area.max()):
         lesion_mm2 = float(volume.segmentation[:, :, z].sum() * pixel_mm2) if volume.segmentation is not None else float("nan")
         label = _slice_label(lesion_mm2, volume.segmentation is not None, volume_label, config)
-        if label is None:
+        if label is None and not unlabelled:
             continue
         rgb = np.stack([channel[:, :, z].T[::-1, ::-1] for channel in channels], axis=-1)
         slices.append(VolumeSlice(int(z), np.ascontiguousarray(rgb), label, lesion_mm2))

@@ -103,7 +103,11 @@ def test_batch_prediction_writes_one_row_per_image_with_class_probabilities(work
     assert len(predictions) == len(list(folder.glob("*.png")))
     assert ((predictions["prob_notumor"] + predictions["prob_tumor"]) - 1).abs().max() < 1e-4
     missing = tumorscope(workspace, "predict", str(tmp_path / "nothing.png"))
-    assert missing.returncode == 2 and "not an image file" in missing.stderr
+    assert missing.returncode == 2 and "nothing.png: not found" in missing.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    wrong = tumorscope(workspace, "predict", str(notes))
+    assert wrong.returncode == 2 and "not an image (png, jpg, tif), a NIfTI volume" in wrong.stderr
 
 
 def test_metrics_and_plots_show(workspace: Path):

@@ -1,0 +1,30 @@
+"""Batch prediction over slices and NIfTI volumes with a local model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from components.batch import predict_files
+from components.model import Classifier, ModelSpec, build_network
+from tests.test_volumes import _head, _save
+
+
+def test_a_volume_gives_one_row_per_brain_slice_and_one_for_the_volume(tmp_path: Path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: default volume preprocessing
+    torch.manual_seed(0)
+    spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"])
+    Classifier.from_weights(spec, build_network(spec).state_dict()).save(tmp_path / "model")
+    volume = _save(tmp_path / "scan.nii.gz", _head())
+    Image.fromarray((np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)).save(tmp_path / "slice.png")
+    rows = predict_files([volume, tmp_path / "slice.png"], model=str(tmp_path / "model"))
+    assert list(rows.columns) == ["path", "predicted_label", "confidence", "prob_notumor", "prob_tumor"]
+    slices = rows[rows["path"].str.startswith(f"{volume}#z")]
+    whole = rows[rows["path"] == str(volume)]
+    assert len(slices) >= 5 and len(whole) == 1 and (rows["path"] == str(tmp_path / "slice.png")).sum() == 1
+    assert float(whole["prob_tumor"].iloc[0]) == slices["prob_tumor"].astype(float).max(), "the most suspicious slice speaks for the volume"
+    assert np.allclose(rows[["prob_notumor", "prob_tumor"]].astype(float).sum(axis=1), 1, atol=1e-5)
