@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.imaging import code_version, prepare, read_slice
+from components.imaging import code_version, file_signature, prepare, read_slice
 
 CACHE_DIR = Path("data/cache")
 
@@ -22,8 +22,7 @@ def _cache_key(frame: pd.DataFrame, image_size: int) -> str:
     """Files (path, size, modification time), input size and the preparing code, hashed."""
     digest = hashlib.sha256(f"{image_size}:{code_version()}".encode())
     for image_id, path in zip(frame["image_id"], frame["path"]):
-        stat = Path(path).stat() if Path(path).exists() else None
-        digest.update(f"{image_id}:{path}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
+        digest.update(f"{image_id}:{file_signature(path)}".encode())
     return digest.hexdigest()[:20]
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from components.config import FeaturesConfig, load_params
 from components.errors import DataError
-from components.imaging import code_version, prepare, read_slice
+from components.imaging import code_version, file_signature, prepare, read_slice
 from components.radiomics import FEATURE_NAMES, SELECTION_METHODS, image_features, select_features
 from components.stage import track
 
@@ -52,14 +52,9 @@ class FeatureCache:
 
     def key(self, image: Path, mask: Path | None, image_id: str) -> str:
         files = [image, *([mask] if mask else [])]
-        parts = []
-        for file in files:
-            try:
-                stat = file.stat()
-            except OSError:
-                raise DataError(image_id, "image or mask file not found") from None
-            parts.append(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-        return "|".join([*parts, self.settings])
+        if not all(file.exists() for file in files):
+            raise DataError(image_id, "image or mask file not found")
+        return "|".join([*map(file_signature, files), self.settings])
 
     def get(self, key: str) -> np.ndarray | None:
         if key in self.stored:

@@ -78,6 +78,16 @@ def prepare(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip((resized - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
+def file_signature(path: Path | str) -> str:
+    """Path, size and modification time: how every cache tells an unchanged file without reading it."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"{path}:missing"
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def code_version(*modules: str) -> str:
     """A short hash of these modules' source: caches of derived pixels are void once the code changes."""
     import importlib

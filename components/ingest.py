@@ -27,7 +27,7 @@ import pandas as pd
 from components.config import NO_TUMOUR, IngestConfig, load_params
 from components.dedup import duplicate_groups, thumbnail
 from components.errors import DataError
-from components.imaging import IMAGE_SUFFIXES, code_version, list_images, read_slice, slice_stats
+from components.imaging import IMAGE_SUFFIXES, code_version, file_signature, list_images, read_slice, slice_stats
 from components.privacy import pseudonym
 from components.settings import get_settings
 from components.stage import track
@@ -312,7 +312,7 @@ class PixelCache:
     @staticmethod
     def key(entry: Entry) -> str:
         files = [entry.path, *([entry.mask] if entry.mask else [])]
-        return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists())
+        return "|".join(file_signature(f) for f in files)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ import numpy as np
 
 from components.config import NO_TUMOUR, VolumeConfig
 from components.errors import DataError
+from components.imaging import file_signature
 
 SEQUENCE_NAMES = {
     "t1c": "t1c", "t1ce": "t1c", "t1gd": "t1c", "t1post": "t1c",
@@ -180,8 +181,7 @@ def cache_key(case: VolumeCase, config: VolumeConfig, code: str) -> str:
     """Files (path, size, mtime), preprocessing params and code, hashed: the cache's identity."""
     digest = hashlib.sha256(f"{config.model_dump_json()}:{code}".encode())
     for path in sorted([*case.sequences.values(), *([case.segmentation] if case.segmentation else [])]):
-        stat = path.stat()
-        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(file_signature(path).encode())
     return digest.hexdigest()[:24]
 
 

@@ -23,9 +23,8 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
+from components.fairness import with_age_band
 from flows.training import stage_env
-
-AGE_BANDS = ((0, 40, "<40"), (40, 60, "40-59"), (60, 200, "60+"))
 
 
 def say(message: str) -> None:
@@ -67,18 +66,14 @@ def serve(root: Path, env: dict) -> tuple[subprocess.Popen, str]:
     raise SystemExit("demo stopped: bentoml serve did not become ready in 120 s")
 
 
-def age_band(age: float) -> str:
-    return next(band for low, high, band in AGE_BANDS if low <= age < high)
-
-
 def send(url: str, cohort: Path, feedback: bool) -> tuple[int, float, set[str]]:
     """Each slice of a synthetic cohort to /predict (with its subgroups), and its true label to /feedback."""
-    metadata = pd.read_csv(cohort / "metadata.csv")
+    metadata = with_age_band(pd.read_csv(cohort / "metadata.csv"))  # the endpoint's age bands, from fairness
     correct, versions = 0, set()
     with httpx.Client(timeout=30) as client:
         for row in metadata.itertuples():
             with (cohort / row.file).open("rb") as image:
-                fields = {"sex": row.sex, "site": row.site, "age_band": age_band(row.age) if pd.notna(row.age) else None}
+                fields = {"sex": row.sex, "site": row.site, "age_band": row.age_band}
                 fields = {name: value for name, value in fields.items() if pd.notna(value)}
                 answer = client.post(f"{url}/predict", files={"image": image}, data=fields).raise_for_status().json()
             label = row.file.split("/")[0]

@@ -21,7 +21,9 @@ from http import HTTPStatus
 from pathlib import Path
 
 import bentoml
+import numpy as np
 from bentoml.exceptions import BentoMLException
+from PIL import Image
 
 with bentoml.importing():
     from components.errors import DataError
@@ -163,9 +165,6 @@ class TumorScope:
         the random prediction ID: what a clinician's feedback turns into training data."""
         if self.image_store is None:
             return
-        import numpy as np
-        from PIL import Image
-
         self.image_store.mkdir(parents=True, exist_ok=True)
         Image.fromarray((pixels * 65535).astype(np.uint16)).save(self.image_store / f"{prediction_id}.png")
 
