@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,10 @@ def file_signature(path: Path | str) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+@cache
 def code_version(*modules: str) -> str:
-    """A short hash of these modules' source: caches of derived pixels are void once the code changes."""
+    """A short hash of these modules' source: caches of derived pixels are void once the code changes
+    (computed once per process: the volume path asks for it per case)."""
     import importlib
     import inspect
 
