@@ -115,9 +115,19 @@ class TrainConfig(Section):
     augment: bool = True
     devices: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
+    lr_scaling: Literal["none", "linear"] = "none"
     threads: int = Field(2, ge=1)
     seed: int = 42
     experiment: str = "tumorscope"
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def effective_learning_rate(self) -> float:
+        """Under DDP each step averages world_size × batch_size images; 'linear' scales the rate with that."""
+        return self.learning_rate * (self.world_size if self.lr_scaling == "linear" else 1)
 
     @model_validator(mode="after")
     def _stages_match(self) -> TrainConfig:

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     prediction_log: Path | None = Field(None, description="SQLite file of served predictions.")
     keep_images: bool = Field(True, description="Keep served slices (re-encoded, no metadata) so feedback can become training data.")
     image_store: Path | None = Field(None, description="Folder of kept slices; defaults to 'served/' beside the prediction log.")
+    serve_registered_model: str | None = Field(
+        None, description="Serve this registered model's champion from the MLflow registry instead of the model packaged in the bento."
+    )
+    rdzv_endpoint: str | None = Field(None, description="host:port of node 0 for multi-node training (torchrun c10d rendezvous).")
+    rdzv_id: str = Field("tumorscope-train", description="Rendezvous id shared by the nodes of one training job.")
 
     @property
     def tracking_uri(self) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import TrainConfig, load_params
-from components.errors import DataError
+from components.errors import DataError, TumorScopeError
 from components.model import Classifier, ModelSpec, build_network
 from components.settings import get_settings
 
@@ -96,38 +96,64 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
             print(f"epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: {shown}", flush=True)
 
         def configure_optimizers(self):
-            optimizer = torch.optim.AdamW(self.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+            optimizer = torch.optim.AdamW(self.parameters(), lr=config.effective_learning_rate, weight_decay=config.weight_decay)
             schedule = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=config.learning_rate, total_steps=self.trainer.estimated_stepping_batches
+                optimizer, max_lr=config.effective_learning_rate, total_steps=self.trainer.estimated_stepping_batches
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     return SliceClassifier()
 
 
-def _loaders(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
+def rank_partition(rows: pd.DataFrame, rank: int, world_size: int, shuffle: bool, seed: int) -> pd.DataFrame:
+    """This rank's rows, chosen before any image is read so that each rank prepares and caches only its own
+    share. MONAI's partitioning pads by repetition to equal shares (DDP needs the same number of steps on every
+    rank); train shares are a seeded shuffle, fixed for the run."""
+    from monai.data import partition_dataset
+
+    if world_size == 1:
+        return rows
+    shares = partition_dataset(list(range(len(rows))), num_partitions=world_size, shuffle=shuffle, seed=seed, even_divisible=True)
+    return rows.iloc[shares[rank]]
+
+
+def _loader(rows: pd.DataFrame, config: TrainConfig, classes: list[str], train: bool):
     from torch.utils.data import DataLoader
 
     from components.dataset import SliceDataset, augmentations, prepared_images
 
     index = {label: i for i, label in enumerate(classes)}
-    loaders = []
-    for part, shuffle in (("train", True), ("val", False)):
-        rows = split[split["split"] == part]
+    transform = augmentations() if train and config.augment else None
+    dataset = SliceDataset(prepared_images(rows, config.image_size), rows["label"].map(index).to_numpy(), transform)
+    return DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=train, num_workers=0, drop_last=train and len(dataset) > config.batch_size
+    )
+
+
+def _data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
+    """Train and val loaders made in ``setup``, which runs in every DDP process once its rank is known."""
+    import lightning as L
+
+    parts = {part: split[split["split"] == part] for part in ("train", "val")}
+    for part, rows in parts.items():
         if rows.empty:
             raise DataError(config.split, f"the {part} split is empty")
-        transform = augmentations() if shuffle and config.augment else None
-        dataset = SliceDataset(prepared_images(rows, config.image_size), rows["label"].map(index).to_numpy(), transform)
-        loaders.append(
-            DataLoader(
-                dataset,
-                batch_size=config.batch_size,
-                shuffle=shuffle,
-                num_workers=0,
-                drop_last=shuffle and len(dataset) > config.batch_size,
-            )
-        )
-    return loaders
+
+    class SliceData(L.LightningDataModule):
+        def setup(self, stage: str | None = None) -> None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            self.loaders = {
+                part: _loader(rank_partition(rows, rank, world, part == "train", config.seed), config, classes, part == "train")
+                for part, rows in parts.items()
+            }
+
+        def train_dataloader(self):
+            return self.loaders["train"]
+
+        def val_dataloader(self):
+            return self.loaders["val"]
+
+    return SliceData()
 
 
 def _class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
@@ -146,7 +172,8 @@ def _trainer(config: TrainConfig, logger):
         accelerator="auto",
         devices=config.devices,
         num_nodes=config.num_nodes,
-        strategy="ddp" if config.devices * config.num_nodes > 1 else "auto",
+        strategy="ddp" if config.world_size > 1 else "auto",
+        use_distributed_sampler=False,  # the data module hands each rank its own partition
         precision="16-mixed" if _has_cuda() else "32-true",
         logger=logger,
         callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience)],
@@ -181,8 +208,12 @@ def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str):
     run = mlflow.start_run(run_name=f"train-{spec.network}-{spec.image_size}px")
     params = config.model_dump(mode="json", exclude={"split", "out_dir", "experiment"})
     # DDP splits each epoch across devices × nodes, each taking batch_size per step: the effective batch grows with
-    # them while learning_rate is used as given (no automatic scaling; scale it in params when adding nodes)
-    effective = {"effective_batch_size": config.batch_size * config.devices * config.num_nodes, "learning_rate_scaling": "none"}
+    # them; lr_scaling says whether the learning rate follows (linear) or stays as given (none)
+    effective = {
+        "effective_batch_size": config.batch_size * config.world_size,
+        "learning_rate_scaling": config.lr_scaling,
+        "effective_learning_rate": config.effective_learning_rate,
+    }
     mlflow.log_params({**params, **effective, "classes": ",".join(spec.classes), "data_hash": data_hash})
     return run
 
@@ -207,13 +238,13 @@ def run(config: TrainConfig) -> dict:
         classes=classes,
         norm=config.norm,
     )
-    train_loader, val_loader = _loaders(split, config, classes)
+    data = _data_module(split, config, classes)
     module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
     data_hash = file_hash(config.split)
     mlflow_run = _start_mlflow_run(config, spec, data_hash) if is_global_zero() else None
     logger = MLFlowLogger(tracking_uri=get_settings().tracking_uri, run_id=mlflow_run.info.run_id) if mlflow_run else False
     trainer, checkpoint = _trainer(config, logger)
-    trainer.fit(module, train_loader, val_loader)
+    trainer.fit(module, datamodule=data)
     if not trainer.is_global_zero:
         return {}
     best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
@@ -249,10 +280,37 @@ def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash:
     return extra
 
 
+def torchrun_command(config: TrainConfig) -> list[str] | None:
+    """The command that joins this node to a multi-node job (train.num_nodes > 1), or None when this process
+    trains itself: one node (Lightning starts its own `devices` processes) or already under torchrun."""
+    if config.num_nodes == 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    settings = get_settings()
+    if not settings.rdzv_endpoint:
+        raise TumorScopeError(
+            f"train.num_nodes is {config.num_nodes}: set TUMORSCOPE_RDZV_ENDPOINT=host:port (node 0's address) on every node"
+        )
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(config.num_nodes), "--nproc-per-node", str(config.devices),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", settings.rdzv_endpoint, "--rdzv-id", settings.rdzv_id,
+            "-m", "components.train"]  # fmt: skip
+
+
 def main() -> None:
+    import subprocess
+
     from components.stage import run_stage
 
-    run_stage(lambda: run(load_params().train))
+    def work() -> dict | None:
+        config = load_params().train
+        command = torchrun_command(config)
+        if command is None:
+            return run(config)
+        print(f"joining a {config.num_nodes}-node training job at {get_settings().rdzv_endpoint} (torchrun)", flush=True)
+        if code := subprocess.call(command):
+            raise SystemExit(code)
+        return None
+
+    run_stage(work)
 
 
 if __name__ == "__main__":

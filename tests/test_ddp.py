@@ -49,26 +49,31 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _cached_row_counts(root: Path) -> list[int]:
+    import numpy as np
+
+    return sorted(len(np.load(path, mmap_mode="r")) for path in (root / "data" / "cache").glob("*.npy"))
+
+
 def test_two_nodes_under_torchrun_train_one_model_like_one_process(tmp_path: Path):
-    """2 "nodes" × 1 process on 127.0.0.1 (c10d rendezvous, gloo): one model, one MLflow run, and a validation
-    loss close to the single-process run's on the same data (the batches differ, so not identical)."""
+    """2 "nodes" × 1 process on 127.0.0.1 (c10d rendezvous, gloo), each started as the stage's own entry with
+    num_nodes from params and the endpoint from settings: one model, one MLflow run, each rank caching only its
+    own partition, and a validation loss close to the single-process run's (the batches differ, so not identical)."""
     import json
 
     import mlflow
+    import pandas as pd
 
     two_nodes = {**TINY_DDP, "train": {**TINY_DDP["train"], "devices": 1, "num_nodes": 2, "augment": False}}
     root = make_workspace(tmp_path / "ws", two_nodes)
     for name in ("synth", "ingest", "validate", "split"):
         assert stage(root, name).returncode == 0
-    port, torchrun = _free_port(), str(Path(sys.executable).parent / "torchrun")
-    command = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-               "--rdzv-id", "tumorscope-test", "-m", "components.train"]  # fmt: skip
-    nodes = [
-        subprocess.Popen(command, cwd=root, env=workspace_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
+    env = {**workspace_env(root), "TUMORSCOPE_RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}", "TUMORSCOPE_RDZV_ID": "tumorscope-test"}
+    command = [sys.executable, "-m", "components.train"]
+    nodes = [subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
+    assert all("joining a 2-node training job" in o for o in outputs)
     assert sum(o.count("epoch 2/2") for o in outputs) == 1, "only global rank 0 reports"
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
@@ -76,10 +81,17 @@ def test_two_nodes_under_torchrun_train_one_model_like_one_process(tmp_path: Pat
     assert runs[0].data.params["effective_batch_size"] == "16"
     distributed_loss = runs[0].data.metrics["val_loss"]
 
+    split = pd.read_csv(root / "data" / "split.csv")
+    n_train, n_val = (int((split["split"] == part).sum()) for part in ("train", "val"))
+    half = lambda n: -(-n // 2)  # noqa: E731
+    # rank 0 and rank 1 each prepared their half of train and of val; rank 0 also the whole val set (embedding PCA)
+    assert _cached_row_counts(root) == sorted([half(n_train), half(n_train), half(n_val), half(n_val), n_val])
+
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("num_nodes: 2", "num_nodes: 1"))
     single = stage(root, "train")
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    assert n_train in _cached_row_counts(root), "one process prepares the whole train split"
     runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id], order_by=["attributes.start_time DESC"])
     assert abs(runs[0].data.metrics["val_loss"] - distributed_loss) < 0.25, json.dumps(
         {"single": runs[0].data.metrics, "two nodes": distributed_loss}
