@@ -107,9 +107,21 @@ def _publish_artifacts(summary: dict, stages: list[dict]) -> None:
     create_markdown_artifact(key="gate-decision", markdown="\n".join(lines), description="Gate decision and stage timings")
 
 
+@task(retries=2, retry_delay_seconds=10, task_run_name="dvc-push-{remote}")
+def push_data(workdir: str, remote: str) -> str:
+    """Send this run's data versions and outputs to a shared DVC remote, so other machines can pull them."""
+    command = [sys.executable, "-m", "dvc", "push", "-r", remote]
+    result = subprocess.run(command, cwd=workdir, env=stage_env(Path(workdir)), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc push -r {remote} failed:\n{result.stdout[-1500:]}{result.stderr[-1500:]}")
+    print(result.stdout.strip().splitlines()[-1] if result.stdout.strip() else f"pushed to {remote}")
+    return remote
+
+
 @flow(name="training", log_prints=True)
-def training(workdir: str = ".", force_from: str | None = None) -> dict:
-    """Run the pipeline; ``force_from`` reruns that stage and every later one even if DVC thinks them current.
+def training(workdir: str = ".", force_from: str | None = None, push_to: str | None = None) -> dict:
+    """Run the pipeline; ``force_from`` reruns that stage and every later one even if DVC thinks them current;
+    ``push_to`` names a DVC remote that receives the data and outputs afterwards (scheduled runs use it).
 
     A stage's data or params problem ends the flow in a Failed state whose message
     is that problem (no traceback); later stages do not run.
@@ -128,6 +140,8 @@ def training(workdir: str = ".", force_from: str | None = None) -> dict:
         if results[-1]["status"] == "failed":
             return Failed(message=f"stage '{stage}' failed: {results[-1]['error']}")
     summary = {**read_summary(root), "stages": results}
+    if push_to:
+        summary["pushed_to"] = push_data(str(root), push_to)
     _publish_artifacts(summary, results)
     return summary
 

@@ -101,12 +101,33 @@ def review_reason(confidence: float, stats: dict[str, float]) -> str | None:
     return None
 
 
+# Server mode serves the registry's champion (TUMORSCOPE_SERVE_REGISTERED_MODEL); otherwise the packaged model.
+REGISTERED_MODEL = get_settings().serve_registered_model
+
+
+def champion_from_registry(name: str, served: ServedModel | None = None) -> ServedModel:
+    """The version holding the champion alias, from the MLflow tracking server (or store); ``served`` itself
+    when it is that version already (nothing is downloaded)."""
+    from components.registry import CHAMPION, client, load_version, version_by_alias
+
+    version = version_by_alias(client(), name, CHAMPION)
+    if version is None:
+        raise RuntimeError(f"registry: {name} has no '{CHAMPION}' (no model has passed the gate yet)")
+    if served is not None and served.name == name and served.version == str(version.version):
+        return served
+    return ServedModel(load_version(version), name, str(version.version), f"models:/{name}/{version.version}")
+
+
 @bentoml.service(resources={"cpu": "1"}, traffic={"timeout": 30})
 class TumorScope:
-    bento_model = bentoml.models.BentoModel(f"{BENTO_MODEL}:latest")
+    if not REGISTERED_MODEL:
+        bento_model = bentoml.models.BentoModel(f"{BENTO_MODEL}:latest")
 
     def __init__(self) -> None:
-        self._use(Path(self.bento_model.path), str(self.bento_model.tag))
+        if REGISTERED_MODEL:
+            self.served = champion_from_registry(REGISTERED_MODEL)
+        else:
+            self._use(Path(self.bento_model.path), str(self.bento_model.tag))
         settings = get_settings()
         self.log = PredictionLog(settings.prediction_log_path)
         self.image_store = settings.image_store_path if settings.keep_images else None
@@ -142,12 +163,15 @@ class TumorScope:
 
     @bentoml.api(route="/reload")
     def reload(self) -> dict:
-        """Serve the newest packaged model (after a retraining promoted one) without a restart; in-flight
-        requests finish on the model they started with."""
-        latest = bentoml.models.get(f"{BENTO_MODEL}:latest")
+        """Serve the current champion (after a retraining promoted one) without a restart: the registry's alias
+        in server mode, else the newest packaged model. In-flight requests finish on the model they started with."""
         previous = self.served.version
-        if str(latest.tag) != self.served.tag:
-            self._use(Path(latest.path), str(latest.tag))
+        if REGISTERED_MODEL:
+            self.served = champion_from_registry(REGISTERED_MODEL, self.served)
+        else:
+            latest = bentoml.models.get(f"{BENTO_MODEL}:latest")
+            if str(latest.tag) != self.served.tag:
+                self._use(Path(latest.path), str(latest.tag))
         return {"model_name": self.served.name, "model_version": self.served.version, "previous_version": previous}
 
     @bentoml.api
