@@ -118,7 +118,8 @@ def champion_from_registry(name: str, served: ServedModel | None = None) -> Serv
     return ServedModel(load_version(version), name, str(version.version), f"models:/{name}/{version.version}")
 
 
-@bentoml.service(resources={"cpu": "1"}, traffic={"timeout": 30})
+# TUMORSCOPE_SERVICE_WORKERS: processes, each with its own model copy (bench/server_mode.py measures 2 vs 1)
+@bentoml.service(resources={"cpu": "1"}, traffic={"timeout": 30}, workers=int(os.environ.get("TUMORSCOPE_SERVICE_WORKERS", "1")))
 class TumorScope:
     if not REGISTERED_MODEL:
         bento_model = bentoml.models.BentoModel(f"{BENTO_MODEL}:latest")
