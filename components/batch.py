@@ -12,7 +12,7 @@ from components.imaging import IMAGE_SUFFIXES, list_images, read_slice
 from components.model import Classifier
 
 BATCH = 64
-VOLUME_SUFFIXES = (".nii", ".nii.gz")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".zip")  # NIfTI volumes, DICOM files and zipped series
 
 
 def load_classifier(model: str) -> Classifier:
@@ -43,7 +43,7 @@ def expand(inputs: list[Path]) -> list[Path]:
         elif path.suffix.lower() in IMAGE_SUFFIXES or _is_volume(path):
             files.append(path)
         else:
-            raise DataError(path, "not an image (png, jpg, tif), a NIfTI volume (.nii, .nii.gz) or a folder")
+            raise DataError(path, "not an image (png, jpg, tif), a NIfTI volume (.nii, .nii.gz), DICOM (.dcm, .zip) or a folder")
     if not files:
         raise TumorScopeError("no images found in the given inputs")
     return files
@@ -61,18 +61,18 @@ def _rows(classifier: Classifier, names: list[str], images: list[np.ndarray]) ->
 
 
 def volume_rows(classifier: Classifier, path: Path) -> pd.DataFrame:
-    """One row per brain-bearing axial slice (``<file>#z<index>``), preprocessed as at ingestion, then one row for
-    the volume: the slice with the highest tumour probability speaks for it (a tumour seen on any slice is a
-    tumour in the volume), so its probabilities are the volume's."""
-    from components.config import NO_TUMOUR, PARAMS_FILE, VolumeConfig, load_params
-    from components.volumes import VolumeCase, axial_slices, prepare
+    """One row per brain-bearing axial slice (``<file>#z<index>``), preprocessed as at ingestion (DICOM
+    de-identified first), then one row for the volume: the slice with the highest tumour probability speaks
+    for it (a tumour seen on any slice is a tumour in the volume), so its probabilities are the volume's."""
+    from components.config import NO_TUMOUR
+    from components.scans import read_scan
+    from components.settings import get_settings
 
-    config = load_params().ingest.volume if PARAMS_FILE.exists() else VolumeConfig()
-    volume = prepare(VolumeCase(path.name, {"image": path}), config)
-    slices = axial_slices(volume, config, None, unlabelled=True)
-    if not slices:
-        raise DataError(path, "no brain-bearing slice found")
-    rows = _rows(classifier, [f"{path}#z{s.index:03d}" for s in slices], [s.rgb.mean(axis=-1) / 255.0 for s in slices])
+    scan = read_scan(path, get_settings().secret_key(), name=str(path))
+    rows = _rows(classifier, [f"{path}#z{index:03d}" for index in scan.indices], scan.slices)
+    if len(rows) == 1:
+        rows["path"] = str(path)
+        return rows
     strongest = rows.loc[(1 - rows[f"prob_{NO_TUMOUR}"]).idxmax()].copy()
     strongest["path"] = str(path)
     return pd.concat([rows, strongest.to_frame().T], ignore_index=True)

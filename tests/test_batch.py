@@ -28,3 +28,18 @@ def test_a_volume_gives_one_row_per_brain_slice_and_one_for_the_volume(tmp_path:
     assert len(slices) >= 5 and len(whole) == 1 and (rows["path"] == str(tmp_path / "slice.png")).sum() == 1
     assert float(whole["prob_tumor"].iloc[0]) == slices["prob_tumor"].astype(float).max(), "the most suspicious slice speaks for the volume"
     assert np.allclose(rows[["prob_notumor", "prob_tumor"]].astype(float).sum(axis=1), 1, atol=1e-5)
+
+
+def test_a_zipped_dicom_series_is_predicted_like_a_volume(tmp_path: Path, monkeypatch):
+    import torch
+
+    from tests.dicom_fixtures import write_series, write_zip
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"])
+    Classifier.from_weights(spec, build_network(spec).state_dict()).save(tmp_path / "model")
+    write_series(tmp_path / "series", n_slices=6)
+    archive = write_zip(tmp_path / "series.zip", tmp_path / "series")
+    rows = predict_files([archive], model=str(tmp_path / "model"))
+    assert (rows["path"] == str(archive)).sum() == 1 and rows["path"].str.startswith(f"{archive}#z").sum() >= 1
