@@ -65,3 +65,14 @@ def test_launch_scripts_parse_and_use_torchrun():
     dockerfile = (INFRA / "docker" / "Dockerfile.train").read_text()
     assert dockerfile.splitlines()[0].startswith("#") and "FROM ${BASE}" in dockerfile and "torch==2.13.0" in dockerfile
     assert not re.search(r"ENV .*(PASSWORD|SECRET|ACCESS_KEY)", dockerfile)
+
+
+def test_serving_images_cpu_and_cuda_are_valid_bento_build_configs():
+    from bentoml._internal.bento.build_config import BentoBuildConfig
+
+    serving = INFRA.parent / "serving"
+    with open(serving / "bentofile.yaml") as cpu_file, open(serving / "bentofile.cuda.yaml") as cuda_file:
+        cpu, cuda = BentoBuildConfig.from_yaml(cpu_file), BentoBuildConfig.from_yaml(cuda_file)
+    assert cpu.service == cuda.service == "serving.service:TumorScope"
+    assert cpu.docker.cuda_version is None and cuda.docker.cuda_version.startswith("12.")
+    assert any("cu12" in url for url in cuda.python.extra_index_url) and cpu.python.extra_index_url is None
