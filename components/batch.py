@@ -52,9 +52,9 @@ def expand(inputs: list[Path]) -> list[Path]:
 def _rows(classifier: Classifier, names: list[str], images: list[np.ndarray]) -> pd.DataFrame:
     classes = classifier.spec.classes
     probabilities = classifier.predict_proba(images)
-    rows = pd.DataFrame(
-        {"path": names, "predicted_label": np.asarray(classes)[probabilities.argmax(1)], "confidence": probabilities.max(1)}
-    )
+    labels = classifier.decide(probabilities)  # at the model's operating threshold, as the endpoint answers
+    confidence = probabilities[np.arange(len(labels)), [classes.index(label) for label in labels]]
+    rows = pd.DataFrame({"path": names, "predicted_label": labels, "confidence": confidence})
     for index, name in enumerate(classes):
         rows[f"prob_{name}"] = probabilities[:, index]
     return rows

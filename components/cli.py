@@ -297,5 +297,48 @@ def rollback(workdir: Workspace = Path(".")) -> None:
     raise typer.Exit(subprocess.call([sys.executable, "-m", "components.package"], env=stage_env(root)))
 
 
+keys = typer.Typer(no_args_is_help=True, help="API keys of the endpoint (stored hashed; a key is shown once).")
+app.add_typer(keys, name="keys")
+
+
+def _key_store():
+    from components.settings import get_settings
+    from serving.auth import KeyStore
+
+    return KeyStore(get_settings().api_keys_path)
+
+
+@keys.command("create")
+def create_key(
+    name: Annotated[str, typer.Option(help="Who uses it: a system or a team, never a patient.")],
+    scope: Annotated[list[str], typer.Option(help="predict, explain, feedback, admin (repeat the option).")],
+    workdir: Workspace = Path("."),
+) -> None:
+    """Make a key; it is printed once and only its hash is kept. Once a key exists, the endpoint requires one."""
+    _enter(workdir)
+    try:
+        key = _key_store().create(name, scope)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(key)
+
+
+@keys.command("list")
+def list_keys(workdir: Workspace = Path(".")) -> None:
+    """The keys' ids, names and scopes (never the keys)."""
+    _enter(workdir)
+    for stored in _key_store().keys().values():
+        typer.echo(f"{stored.key_id}  {stored.name:24s}  {','.join(stored.scopes):32s}  created {stored.created}")
+
+
+@keys.command("revoke")
+def revoke_key(key_id: str, workdir: Workspace = Path(".")) -> None:
+    """Remove a key by its id; a running endpoint refuses it from the next request on."""
+    _enter(workdir)
+    if not _key_store().revoke(key_id):
+        _fail(f"no key with id {key_id}")
+    typer.echo(f"revoked {key_id}")
+
+
 if __name__ == "__main__":
     app()

@@ -79,7 +79,7 @@ def paired_differences(
     for name, scored in (("challenger", challenger), ("champion", champion)):
         correct = (scored["predicted"].to_numpy() == labels).astype(float)
         score = scored["tumour_probability"].to_numpy()
-        detected = (score >= 0.5).astype(float)
+        detected = (scored["predicted"].to_numpy() != NO_TUMOUR).astype(float)  # each model at its own operating threshold
         models[name] = {
             "accuracy": lambda rows, c=correct: _accuracy(c, rows),
             "roc_auc": lambda rows, s=score: _auc(is_tumour, s, rows),

@@ -116,6 +116,7 @@ class TrainConfig(Section):
     devices: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
     lr_scaling: Literal["none", "linear"] = "none"
+    target_sensitivity: float | None = Field(None, gt=0, lt=1)  # None: operating threshold 0.5 on P(tumour)
     threads: int = Field(2, ge=1)
     seed: int = 42
     experiment: str = "tumorscope"

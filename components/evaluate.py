@@ -19,7 +19,7 @@ from components.config import EvaluateConfig, load_params
 from components.errors import DataError
 from components.fairness import SUBGROUP_COLUMNS, with_age_band
 from components.imaging import read_slice, slice_stats
-from components.model import EMBEDDING_COLUMNS, Classifier, ModelSpec, tumour_probability
+from components.model import EMBEDDING_COLUMNS, Classifier, ModelSpec, decide, tumour_probability
 from components.settings import get_settings
 
 REFERENCE_FILE = Path("data/reference.csv")
@@ -50,9 +50,11 @@ def score_images(classifier: Classifier, paths: list[str], names: list[str] | No
 
 
 def metrics_for(spec: ModelSpec, labels: pd.Series, probabilities: np.ndarray) -> dict[str, float]:
-    predicted = np.asarray(spec.classes)[probabilities.argmax(1)]
+    """Metrics of the answers the endpoint gives: labels and tumour calls at the model's operating threshold."""
+    predicted = decide(probabilities, spec)
     is_tumour = (labels != spec.classes[spec.tumour_free_index]).to_numpy()
-    return {"accuracy": float(accuracy_score(labels, predicted)), **binary_metrics(is_tumour, tumour_probability(probabilities, spec))}
+    score = tumour_probability(probabilities, spec)
+    return {"accuracy": float(accuracy_score(labels, predicted)), **binary_metrics(is_tumour, score, spec.operating_threshold)}
 
 
 def assess(classifier: Classifier, test: pd.DataFrame, min_group_size: int) -> tuple[dict, np.ndarray, pd.DataFrame, pd.DataFrame]:
@@ -63,14 +65,14 @@ def assess(classifier: Classifier, test: pd.DataFrame, min_group_size: int) -> t
     probabilities, stats = score_images(classifier, test["path"].tolist(), test["image_id"].tolist())
     metrics = metrics_for(spec, test["label"], probabilities)
     is_tumour = (test["label"] != spec.classes[spec.tumour_free_index]).to_numpy()
-    subgroups = subgroup_table(test, is_tumour, tumour_probability(probabilities, spec) >= 0.5)
+    subgroups = subgroup_table(test, is_tumour, tumour_probability(probabilities, spec) >= spec.operating_threshold)
     return {**metrics, **summary(subgroups, min_group_size)}, probabilities, stats, subgroups
 
 
 def reference_table(spec: ModelSpec, stats: pd.DataFrame, probabilities: np.ndarray) -> pd.DataFrame:
     """The monitoring baseline, in the endpoint's record columns."""
     return stats.assign(
-        predicted_label=np.asarray(spec.classes)[probabilities.argmax(1)],
+        predicted_label=decide(probabilities, spec),
         confidence=probabilities.max(1),
         tumour_probability=tumour_probability(probabilities, spec),
     )
@@ -82,7 +84,7 @@ def test_predictions(spec: ModelSpec, test: pd.DataFrame, probabilities: np.ndar
         {
             "image_id": test["image_id"].to_numpy(),
             "tumour_probability": tumour_probability(probabilities, spec),
-            "predicted": np.asarray(spec.classes)[probabilities.argmax(1)],
+            "predicted": decide(probabilities, spec),
         }
     )
 
@@ -93,9 +95,7 @@ def _write_plots(report_dir: Path, spec: ModelSpec, labels: pd.Series, probabili
     roc = report_dir / "roc.csv"
     pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(roc, index=False)
     confusion = report_dir / "confusion.csv"
-    pd.DataFrame({"actual": labels.to_numpy(), "predicted": np.asarray(spec.classes)[probabilities.argmax(1)]}).to_csv(
-        confusion, index=False
-    )
+    pd.DataFrame({"actual": labels.to_numpy(), "predicted": decide(probabilities, spec)}).to_csv(confusion, index=False)
     return [roc, confusion, _roc_png(report_dir, fpr, tpr)]
 
 

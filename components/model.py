@@ -35,6 +35,8 @@ class ModelSpec(BaseModel):
     classes: list[str]
     in_channels: int = 1
     norm: str = "batch"  # models saved before this field existed used batch norm
+    temperature: float = 1.0  # softmax temperature fitted on validation: calibrated confidences
+    operating_threshold: float = 0.5  # P(tumour) at or above which the answer is a tumour class
 
     @property
     def tumour_free_index(self) -> int:
@@ -65,24 +67,115 @@ def tumour_probability(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray
     return 1.0 - probabilities[:, spec.tumour_free_index]
 
 
+def decide(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Labels at the operating threshold: a tumour when P(tumour) reaches it, then its most probable type.
+    Screening sets the threshold for a target sensitivity; at 0.5 a binary model's answer is its argmax."""
+    classes = np.asarray(spec.classes)
+    free = spec.tumour_free_index
+    tumour_only = np.where(np.arange(len(classes)) == free, -np.inf, probabilities)
+    is_tumour = tumour_probability(probabilities, spec) >= spec.operating_threshold
+    return np.where(is_tumour, classes[tumour_only.argmax(1)], classes[free])
+
+
+def fit_temperature(log_probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """The softmax temperature that minimises validation log-loss (temperature scaling, Guo et al. 2017):
+    it changes confidences, never the ranking, so accuracy and AUC stay as they are."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    rows = np.arange(len(labels))
+    result = minimize_scalar(
+        lambda t: -log_softmax(log_probabilities / t, axis=1)[rows, labels].mean(), bounds=(0.05, 20), method="bounded"
+    )
+    return float(result.x)
+
+
+def threshold_for_sensitivity(tumour_score: np.ndarray, is_tumour: np.ndarray, target: float) -> float:
+    """The highest P(tumour) threshold whose sensitivity on these (validation) images is at least ``target``."""
+    positives = np.sort(tumour_score[is_tumour])
+    if not len(positives):
+        return 0.5
+    allowed_misses = int(np.floor((1 - target) * len(positives) + 1e-9))
+    return float(np.clip(positives[allowed_misses], 1e-4, 1 - 1e-4))
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
+    confidence, correct = probabilities.max(1), probabilities.argmax(1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return float(
+        sum(
+            abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean() for b in range(bins) if (which == b).any()
+        )
+    )
+
+
 class EmbeddingProjection(BaseModel):
     """PCA of the network's penultimate features, fitted on validation images at training time:
     a few numbers per served image that show when inputs move away from what the model knows."""
 
     mean: list[float]
     components: list[list[float]]
+    scale: list[float] | None = None  # spread of each component on validation images
+    ood_distance: float | None = None  # scaled distance beyond which an input is unlike the validation images
+    ood_residual: float | None = None  # the same for the part of the features the components do not explain
+    image_low: list[float] | None = None  # range of the image descriptor (below) on validation images
+    image_high: list[float] | None = None
 
     @classmethod
-    def fit(cls, features: np.ndarray, n_components: int = EMBEDDING_COMPONENTS) -> EmbeddingProjection:
+    def fit(cls, features: np.ndarray, n_components: int = EMBEDDING_COMPONENTS, images: np.ndarray | None = None) -> EmbeddingProjection:
         from sklearn.decomposition import PCA
 
         pca = PCA(n_components=min(n_components, *features.shape)).fit(features)
         components = np.zeros((n_components, features.shape[1]))
         components[: len(pca.components_)] = pca.components_
-        return cls(mean=pca.mean_.tolist(), components=components.tolist())
+        projection = cls(mean=pca.mean_.tolist(), components=components.tolist())
+        projected = projection.project(features)
+        projection.scale = np.maximum(projected.std(axis=0), 1e-6).tolist()
+        # 1.5 × the 99th percentile of validation images' own distances: a margin, so that a normal image
+        # is rarely flagged while an image of another kind (not a brain MRI, another modality) lands far out
+        projection.ood_distance = float(1.5 * np.quantile(projection.distance(projected), 0.99))
+        projection.ood_residual = float(1.5 * np.quantile(projection.residual(features), 0.99))
+        if images is not None:
+            descriptors = image_descriptors(images)
+            low, high = np.quantile(descriptors, [0.005, 0.995], axis=0)
+            margin = 0.25 * (high - low) + 0.02
+            projection.image_low, projection.image_high = (low - margin).tolist(), (high + margin).tolist()
+        return projection
 
     def project(self, features: np.ndarray) -> np.ndarray:
         return (features - np.asarray(self.mean)) @ np.asarray(self.components).T
+
+    def residual(self, features: np.ndarray) -> np.ndarray:
+        """How far features lie off the components' subspace: an input unlike anything seen moves there first."""
+        centred = np.atleast_2d(features) - np.asarray(self.mean)
+        components = np.asarray(self.components)
+        return np.linalg.norm(centred - (centred @ components.T) @ components, axis=1)
+
+    def is_outlier(self, features: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+        """Unlike the validation images: beyond them on the components or off them, or (given the prepared
+        images) with a background, brightness or texture they never had. False where the model predates this."""
+        outlier = np.zeros(len(np.atleast_2d(features)), bool)
+        if self.ood_distance is not None and self.ood_residual is not None:
+            outlier |= (self.distance(self.project(features)) > self.ood_distance) | (self.residual(features) > self.ood_residual)
+        if images is not None and self.image_low is not None:
+            descriptors = image_descriptors(images)
+            outlier |= ((descriptors < self.image_low) | (descriptors > self.image_high)).any(axis=1)
+        return outlier
+
+    def distance(self, projected: np.ndarray) -> np.ndarray:
+        """Root-mean-square of the projected components in units of their validation spread."""
+        return np.sqrt(((np.atleast_2d(projected) / np.asarray(self.scale)) ** 2).mean(axis=1))
+
+
+def image_descriptors(images: np.ndarray) -> np.ndarray:
+    """Per prepared image (N, 1, S, S) in [0, 1]: the fraction of non-background pixels, the median and the
+    pixel-to-pixel roughness. A brain slice has a dark background and smooth tissue; a photo, a document or
+    noise does not, whatever the network's features say."""
+    flat = images.reshape(len(images), images.shape[-2], images.shape[-1])
+    roughness = np.abs(np.diff(flat, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(flat, axis=2)).mean(axis=(1, 2))
+    return np.stack([(flat > 0.05).mean(axis=(1, 2)), np.median(flat.reshape(len(flat), -1), axis=1), roughness], axis=1)
 
 
 def _last_linear(net):
@@ -152,10 +245,17 @@ class Classifier:
         try:
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(batch)).contiguous(memory_format=torch.channels_last)
-                probabilities = torch.softmax(self.net(x), dim=1).numpy()
+                probabilities = torch.softmax(self.net(x) / self.spec.temperature, dim=1).numpy()
         finally:
             hook.remove()
         return probabilities, features[0]
+
+    def decide(self, probabilities: np.ndarray) -> np.ndarray:
+        return decide(probabilities, self.spec)
+
+    def is_unfamiliar(self, features: np.ndarray, image: np.ndarray) -> bool:
+        """Whether one input (its penultimate features and raw slice) is unlike the validation images."""
+        return self.projection is not None and bool(self.projection.is_outlier(features, self.batch([image]))[0])
 
     def embeddings(self, features: np.ndarray) -> np.ndarray:
         """The monitoring summary of penultimate features; NaN when the model has no projection (older models)."""

@@ -32,6 +32,11 @@ COLUMNS = {
     "probabilities": "TEXT",
     "needs_review": "INTEGER",
     "latency_ms": "REAL",
+    "request_id": "TEXT",
+    "client": "TEXT",  # the calling API key's id (a system, not a person)
+    "input_kind": "TEXT",
+    "decisive_slice": "INTEGER",
+    "operating_threshold": "REAL",
     **{name: "REAL" for name in STAT_COLUMNS},
     **{name: "REAL" for name in EMBEDDING_COLUMNS},
     "qc_flags": "TEXT",

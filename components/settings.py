@@ -11,6 +11,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
     serve_registered_model: str | None = Field(
         None, description="Serve this registered model's champion from the MLflow registry instead of the model packaged in the bento."
     )
+    api_keys: Path | None = Field(None, description="The endpoint's hashed API keys (JSON); defaults to .tumorscope/api_keys.json.")
+    auth: Literal["auto", "required"] = Field(
+        "auto", description="'auto': keys are checked once one exists; 'required': refuse every guarded call without a valid key."
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the endpoint from a browser.")
     rdzv_endpoint: str | None = Field(None, description="host:port of node 0 for multi-node training (torchrun c10d rendezvous).")
     rdzv_id: str = Field("tumorscope-train", description="Rendezvous id shared by the nodes of one training job.")
 
@@ -62,6 +68,10 @@ class Settings(BaseSettings):
     @property
     def image_store_path(self) -> Path:
         return self.image_store or self.prediction_log_path.parent / "served"
+
+    @property
+    def api_keys_path(self) -> Path:
+        return self.api_keys or self.state_dir / "api_keys.json"
 
     @property
     def state_dir(self) -> Path:

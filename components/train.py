@@ -250,21 +250,41 @@ def run(config: TrainConfig) -> dict:
     best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
     classifier = Classifier(spec, module.net)
-    classifier.projection = _fit_projection(classifier, split[split["split"] == "val"], config)
-    return _publish(classifier, config, mlflow_run, data_hash, trainer.current_epoch)
+    calibration = _fit_on_validation(classifier, split[split["split"] == "val"], config, classes)
+    return _publish(classifier, config, mlflow_run, data_hash, trainer.current_epoch, calibration)
 
 
-def _fit_projection(classifier: Classifier, validation: pd.DataFrame, config: TrainConfig):
-    """The embedding summary's PCA, on validation images (not seen in training, not the test set)."""
+def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config: TrainConfig, classes: list[str]) -> dict[str, float]:
+    """What is fitted on validation images (seen neither in training nor in the test): the embedding summary's PCA,
+    the softmax temperature (calibration) and the operating threshold for ``train.target_sensitivity``."""
     from components.dataset import prepared_images
-    from components.model import EmbeddingProjection
+    from components.model import EmbeddingProjection, expected_calibration_error, fit_temperature, threshold_for_sensitivity
 
     images = prepared_images(validation, config.image_size)
-    features = [classifier.predict_prepared(images[start : start + 256])[1] for start in range(0, len(images), 256)]
-    return EmbeddingProjection.fit(np.concatenate(features))
+    parts = [classifier.predict_prepared(images[start : start + 256]) for start in range(0, len(images), 256)]
+    probabilities, features = np.concatenate([p for p, _ in parts]), np.concatenate([f for _, f in parts])
+    classifier.projection = EmbeddingProjection.fit(features, images=images)
+    labels = validation["label"].map({label: i for i, label in enumerate(classes)}).to_numpy()
+    log_probabilities = np.log(np.clip(probabilities, 1e-12, 1))
+    temperature = fit_temperature(log_probabilities, labels)
+    calibrated = np.exp(log_probabilities / temperature)
+    calibrated /= calibrated.sum(axis=1, keepdims=True)
+    spec = classifier.spec
+    spec.temperature = temperature
+    is_tumour = labels != spec.tumour_free_index
+    if config.target_sensitivity is not None:
+        spec.operating_threshold = threshold_for_sensitivity(
+            1 - calibrated[:, spec.tumour_free_index], is_tumour, config.target_sensitivity
+        )
+    return {
+        "calibration_temperature": temperature,
+        "operating_threshold": spec.operating_threshold,
+        "val_ece_uncalibrated": expected_calibration_error(probabilities, labels),
+        "val_ece_calibrated": expected_calibration_error(calibrated, labels),
+    }
 
 
-def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash: str, epochs: int) -> dict:
+def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash: str, epochs: int, calibration: dict[str, float]) -> dict:
     """Save weights + spec for the next stages and the same model to MLflow."""
     import mlflow
 
@@ -272,11 +292,15 @@ def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash:
     info = mlflow.pytorch.log_model(classifier.net, name="model", serialization_format="pickle", pip_requirements=MLFLOW_REQUIREMENTS)
     mlflow.log_dict(classifier.spec.model_dump(), "tumorscope/model.json")
     mlflow.log_dict(classifier.projection.model_dump(), "tumorscope/embedding.json")
-    mlflow.log_metric("epochs_trained", epochs)
+    mlflow.log_metrics({"epochs_trained": epochs, **calibration})
     mlflow.end_run()
     extra = {"run_id": run_id, "mlflow_model_uri": info.model_uri, "data_hash": data_hash}
     classifier.save(config.out_dir, extra)
-    print(f"trained {epochs} epochs; MLflow run {run_id}")
+    print(
+        f"trained {epochs} epochs; temperature {calibration['calibration_temperature']:.2f} (val ECE "
+        f"{calibration['val_ece_uncalibrated']:.3f} -> {calibration['val_ece_calibrated']:.3f}), operating threshold "
+        f"{calibration['operating_threshold']:.3f}; MLflow run {run_id}"
+    )
     return extra
 
 

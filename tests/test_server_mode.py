@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import PROJECT, make_workspace, workspace_env
+from tests.endpoint import free_port, serve_command
 from tests.test_e2e import TINY
 
 pytestmark = pytest.mark.slow
@@ -162,25 +163,14 @@ def test_worker_runs_the_training_deployment_into_the_servers(stack: Stack, depl
 
 
 def test_bentoml_serve_answers_with_the_champion_from_the_mlflow_server(stack: Stack, deployment_run: dict, tmp_path: Path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {
         **stack.client,
         "TUMORSCOPE_SERVE_REGISTERED_MODEL": MODEL,
         "BENTOML_HOME": str(tmp_path / "bentoml"),  # an empty model store: the model can only come from MLflow
         "TUMORSCOPE_PREDICTION_LOG": str(tmp_path / "predictions.sqlite"),
     }
-    command = [
-        str(Path(sys.executable).parent / "bentoml"),
-        "serve",
-        "serving.service:TumorScope",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    server = subprocess.Popen(command, cwd=stack.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(serve_command(port), cwd=stack.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120

@@ -1,0 +1,142 @@
+"""A real `bentoml serve` of the endpoint on 127.0.0.1, with a tiny model and API keys, for the serving tests.
+
+The model is a small MONAI ResNet trained for a few seconds on a synthetic cohort (so its heatmaps and its
+embedding summary mean something), saved in a fresh BentoML store exactly as the package stage saves one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from tests.conftest import PROJECT, workspace_env
+
+SCOPES = {"full": ["predict", "explain", "feedback"], "predict_only": ["predict"], "admin": ["admin"]}
+
+
+@dataclass
+class Endpoint:
+    url: str
+    keys: dict[str, str]
+    key_ids: dict[str, str]
+    folder: Path
+    cohort: Path
+    process: subprocess.Popen
+
+    def auth(self, key: str = "full") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[key]}"}
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "predictions.sqlite"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_tiny_model(cohort: Path, bento_home: Path) -> None:
+    """A 48 px ResNet fitted for a few epochs on the cohort's slices, saved to the BentoML store with a card."""
+    import bentoml
+    import torch
+
+    from components.imaging import read_slice
+    from components.model import Classifier, EmbeddingProjection, ModelSpec, build_network
+
+    os.environ["BENTOML_HOME"] = str(bento_home)
+    torch.manual_seed(0)
+    paths = sorted(p for p in cohort.glob("*/*.png") if p.parent.name in ("tumor", "notumor"))
+    spec = ModelSpec(
+        network="resnet", image_size=48, channels=[8, 16, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"], norm="group"
+    )
+    classifier = Classifier(spec, build_network(spec))
+    images = classifier.batch([read_slice(p) for p in paths])
+    labels = torch.tensor([int(p.parent.name == "tumor") for p in paths])
+    net = classifier.net.train()
+    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    x = torch.from_numpy(images)
+    for _ in range(25):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), labels).backward()
+        optimiser.step()
+    classifier = Classifier(spec, net.eval())
+    classifier.projection = EmbeddingProjection.fit(classifier.predict_prepared(images)[1], images=images)
+    card = {"intended_use": "test model: synthetic data only", "limitations": ["not for clinical use"], "metrics": {"accuracy": 0.5}}
+    identity = {"registered_model": "tumorscope-test", "model_version": "7", "run_id": "none"}
+    with bentoml.models.create("tumorscope-classifier", labels=identity) as model:
+        torch.save(classifier.net.state_dict(), model.path_of("model.pt"))
+        Path(model.path_of("model.json")).write_text(json.dumps({**spec.model_dump(), **identity}))
+        Path(model.path_of("embedding.json")).write_text(classifier.projection.model_dump_json())
+        Path(model.path_of("model_card.json")).write_text(json.dumps(card))
+
+
+def serve_command(port: int, target: str = "serving.service:TumorScope") -> list[str]:
+    return [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def start_endpoint(folder: Path, extra_env: dict[str, str] | None = None, workers: int = 1) -> Endpoint:
+    from components.config import SynthConfig
+    from components.synth import run as synthesise
+    from serving.auth import KeyStore
+
+    cohort = folder / "synth"
+    synthesise(SynthConfig(out=cohort, subjects=24, slices_per_subject=2, image_size=64, seed=5))
+    bento_home = folder / "bentoml"
+    subprocess.run([sys.executable, "-c", f"from tests.endpoint import train_tiny_model; from pathlib import Path; "
+                    f"train_tiny_model(Path({str(cohort)!r}), Path({str(bento_home)!r}))"], cwd=PROJECT, check=True)  # fmt: skip
+    store = KeyStore(folder / "api_keys.json")
+    keys = {name: store.create(f"test-{name}", scopes) for name, scopes in SCOPES.items()}
+    key_ids = {name: key.split("_")[1] for name, key in keys.items()}
+    port = free_port()
+    env = workspace_env(folder) | {
+        "BENTOML_HOME": str(bento_home),
+        "TUMORSCOPE_PREDICTION_LOG": str(folder / "predictions.sqlite"),
+        "TUMORSCOPE_API_KEYS": str(folder / "api_keys.json"),
+        "TUMORSCOPE_MAX_UPLOAD_BYTES": "2000000",
+        "TUMORSCOPE_SERVICE_WORKERS": str(workers),
+        **(extra_env or {}),
+    }
+    log = (folder / "serve.log").open("wb")
+    process = subprocess.Popen(serve_command(port), cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return Endpoint(url, keys, key_ids, folder, cohort, process)
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    stop(process)
+    raise RuntimeError("bentoml serve did not become ready:\n" + (folder / "serve.log").read_text()[-3000:])
+
+
+def stop(process: subprocess.Popen) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
