@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench demo clean up down postgres
+.PHONY: install run test lint bench demo clean up down system-packages
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,16 +19,22 @@ install: $(STAMP)
 run: $(STAMP)   ## the whole pipeline on the default (synthetic) data, then a summary
 	$(BIN)/tumorscope run
 
-test: $(STAMP) postgres  ## the test suite (real tools, tiny data)
+test: $(STAMP) system-packages  ## the test suite (real tools, tiny data)
 	$(BIN)/python -m pytest
 
-# The server-mode tests start a real PostgreSQL: Debian's package, installed when missing and we are root
-# (otherwise those tests skip and say why).
-postgres:
-	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
-	  { [ "$$(id -u)" = 0 ] && (apt-get install -y -q postgresql >/dev/null 2>&1 || \
-	    (apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null)); } || \
-	  echo "note: PostgreSQL not installed; the server-mode tests will be skipped"
+# Two test groups need Debian packages: server mode a real PostgreSQL, the page test Chromium and its driver.
+# Installed when missing and we are root; otherwise those tests skip and say why.
+SYSTEM_PACKAGES := postgresql chromium chromium-driver
+system-packages:
+	@missing=""; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="postgresql"; \
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || missing="$$missing chromium chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q $$missing >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null) \
+	      || echo "note: could not install$$missing; their tests will be skipped"; \
+	  else echo "note:$$missing not installed (needs root); their tests will be skipped"; fi; \
+	fi
 
 demo: $(STAMP)  ## the monitoring loop on the synthetic cohort: serve, drift, feedback, retrain, gate, reload
 	$(BIN)/python -m flows.demo

@@ -1,8 +1,8 @@
 """Package: the registry's champion, built into a Bento with the serving code.
 
-The Bento model holds the champion's weights and spec, labelled with its
-registered name and version, so a built Bento answers with the version it serves
-even when no MLflow store is reachable.
+The Bento model holds the champion's weights, spec and model card, labelled with
+its registered name and version, so a built Bento answers with the version it
+serves (and describes it) even when no MLflow store is reachable.
 """
 
 from __future__ import annotations
@@ -27,13 +27,17 @@ def save_champion(config: PackageConfig, model_name: str) -> dict:
     champion = version_by_alias(client(), model_name, CHAMPION)
     if champion is None:
         raise TumorScopeError(f"registry: {model_name} has no '{CHAMPION}' yet: no model has passed the gate")
+    from components.model_card import build_card, publish
+
     classifier = load_version(champion)
     identity = {"registered_model": model_name, "model_version": str(champion.version), "run_id": champion.run_id}
+    card = build_card(model_name, champion.version, client().get_run(champion.run_id))
     with bentoml.models.create(config.bento_model, labels=identity, metadata={"classes": classifier.spec.classes}) as model:
         torch.save(classifier.net.state_dict(), model.path_of("model.pt"))
         Path(model.path_of("model.json")).write_text(json.dumps({**classifier.spec.model_dump(), **identity}, indent=2))
         if classifier.projection is not None:
             Path(model.path_of("embedding.json")).write_text(classifier.projection.model_dump_json())
+        publish(card, Path(model.path))
     return {**identity, "bento_model": str(model.tag)}
 
 

@@ -66,7 +66,9 @@ def reload_service(service_url: str) -> dict:
     """Ask the running endpoint to serve the newest packaged model (no restart, no downtime)."""
     import httpx
 
-    response = httpx.post(f"{service_url.rstrip('/')}/reload", json={}, timeout=120)
+    key = os.environ.get("TUMORSCOPE_SERVICE_API_KEY")  # a key with the 'admin' scope, where the endpoint has keys
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.post(f"{service_url.rstrip('/')}/reload", json={}, headers=headers, timeout=120)
     response.raise_for_status()
     print(f"service at {service_url} now serves version {response.json()['model_version']}")
     return response.json()

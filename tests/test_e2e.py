@@ -163,6 +163,15 @@ def test_endpoint_answers_with_label_probabilities_and_version(workspace: Path, 
     assert row is not None and image.name not in json.dumps(row) and image.stem not in json.dumps(row)
 
 
+def test_served_bento_carries_its_model_card_and_calibration(workspace: Path, endpoint: str):
+    model = httpx.get(f"{endpoint}/model", timeout=10).json()
+    card, metrics = model["card"], read(workspace, "metrics.json")
+    assert card["model_version"] == model["model_version"] == read(workspace, "package.json")["model_version"]
+    assert card["metrics"]["accuracy"] == pytest.approx(metrics["accuracy"]) and card["subgroups"]
+    assert model["thresholds"]["operating_threshold"] == pytest.approx(card["calibration"]["operating_threshold"])
+    assert "## Intended use" in next((workspace / ".bentoml" / "models").rglob("model_card.md")).read_text()
+
+
 def test_feedback_and_subgroups_are_recorded(workspace: Path, endpoint: str):
     image = next((workspace / "data" / "synth" / "notumor").glob("*.png"))
     with image.open("rb") as handle:
