@@ -142,6 +142,7 @@ class EvaluateConfig(Section):
     model_dir: Path = Path("models")
     report_dir: Path = Path("reports")
     min_group_size: int = Field(20, ge=1)
+    bootstrap_resamples: int = Field(1000, ge=0)  # 0: no intervals
 
 
 class RegisterConfig(Section):

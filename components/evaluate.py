@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, f1_score, precision_score, roc_auc_score, roc_curve
 
 from components.config import EvaluateConfig, load_params
 from components.errors import DataError
@@ -36,6 +36,7 @@ def binary_metrics(is_tumour: np.ndarray, score: np.ndarray, threshold: float = 
         "precision": float(precision_score(is_tumour, predicted, zero_division=0)),
         "f1": float(f1_score(is_tumour, predicted, zero_division=0)),
         "roc_auc": float(roc_auc_score(is_tumour, score)) if both_classes else float("nan"),
+        "pr_auc": float(average_precision_score(is_tumour, score)) if both_classes else float("nan"),
     }
 
 
@@ -149,10 +150,36 @@ def run(config: EvaluateConfig) -> dict[str, float]:
     reference.to_csv(REFERENCE_FILE, index=False)
     predictions_file = config.report_dir / "test_predictions.csv"
     test_predictions(classifier.spec, test, probabilities).to_csv(predictions_file, index=False)
+    statistics = _write_statistics(config, classifier.spec, test["label"].to_numpy(), probabilities)
+    metrics["ece"] = statistics.pop("ece")
+    metrics_file.write_text(json.dumps(metrics, indent=2))
     run_id = json.loads((config.model_dir / "model.json").read_text())["run_id"]
-    _log_to_mlflow(run_id, metrics, [metrics_file, subgroup_file, REFERENCE_FILE, *plots])
+    _log_to_mlflow(
+        run_id, {**metrics, **statistics}, [metrics_file, subgroup_file, REFERENCE_FILE, *plots, *config.report_dir.glob("statistics/*")]
+    )
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
+
+
+def _write_statistics(config: EvaluateConfig, spec: ModelSpec, labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Bootstrap intervals, per-class metrics and the test reliability diagram under reports/statistics/;
+    returns the interval bounds as flat metrics and the test ECE."""
+    from components.intervals import bootstrap_intervals, calibration_error, per_class_table, reliability_table
+
+    folder = config.report_dir / "statistics"
+    folder.mkdir(parents=True, exist_ok=True)
+    intervals = bootstrap_intervals(
+        lambda rows: metrics_for(spec, pd.Series(labels[rows]), probabilities[rows]), len(labels), config.bootstrap_resamples
+    )
+    (folder / "metrics_ci.json").write_text(json.dumps(intervals, indent=2))
+    per_class_table(labels, decide(probabilities, spec), probabilities, spec.classes).to_csv(folder / "per_class.csv", index=False)
+    is_tumour = labels != spec.classes[spec.tumour_free_index]
+    reliability = reliability_table(is_tumour, tumour_probability(probabilities, spec))
+    reliability.to_csv(folder / "reliability.csv", index=False)
+    shown = ", ".join(f"{name} {i['value']:.3f} [{i['low']:.3f}, {i['high']:.3f}]" for name, i in intervals.items())
+    print(f"95% bootstrap intervals ({config.bootstrap_resamples} resamples): {shown}")
+    flat = {f"{name}_ci_{end}": i[end] for name, i in intervals.items() for end in ("low", "high") if np.isfinite(i[end])}
+    return {**flat, "ece": calibration_error(reliability)}
 
 
 def main() -> None:

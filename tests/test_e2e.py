@@ -172,6 +172,17 @@ def test_served_bento_carries_its_model_card_and_calibration(workspace: Path, en
     assert "## Intended use" in next((workspace / ".bentoml" / "models").rglob("model_card.md")).read_text()
 
 
+def test_built_bento_serves_every_route(workspace: Path, endpoint: str):
+    """The built bento (not the source tree) answers the batch, explanation and page routes too."""
+    image = next((workspace / "data" / "synth" / "tumor").glob("*.png"))
+    explained = httpx.post(f"{endpoint}/explain", files={"image": ("s.png", image.read_bytes())}, timeout=60)
+    assert explained.status_code == 200 and len(explained.json()["heatmap"]) == TINY["train"]["image_size"]
+    batch = httpx.post(f"{endpoint}/predict_batch", files=[("images", ("a.png", image.read_bytes()))] * 2, timeout=60)
+    assert batch.status_code == 200 and [a["label"] for a in batch.json()] == [explained.json()["label"]] * 2
+    page = httpx.get(f"{endpoint}/", timeout=10)
+    assert page.status_code == 200 and "<title>TumorScope</title>" in page.text
+
+
 def test_feedback_and_subgroups_are_recorded(workspace: Path, endpoint: str):
     image = next((workspace / "data" / "synth" / "notumor").glob("*.png"))
     with image.open("rb") as handle:
