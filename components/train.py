@@ -9,8 +9,10 @@ for the later stages.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -161,11 +163,38 @@ def _class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
     return (counts.sum() / (len(classes) * counts)).astype(np.float32)
 
 
-def _trainer(config: TrainConfig, logger):
+def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
+    """One folder per (training params, data version): a rerun with both unchanged resumes there. It lies
+    outside the stage's outputs, which DVC deletes before a rerun."""
+    identity = json.dumps({**config.model_dump(mode="json", exclude={"threads", "resume"}), "data": data_hash}, sort_keys=True)
+    return config.checkpoint_root / hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def load_initial_weights(net, path: Path) -> str:
+    """A user's pretrained weights (a state dict or a Lightning checkpoint). Tensors whose names and shapes match
+    are loaded; the rest (a head for other classes, say) keep their fresh initialisation."""
+    import torch
+
+    if not path.exists():
+        raise DataError(path, "initial weights not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file that is no checkpoint
+        raise DataError(path, f"not a PyTorch checkpoint ({exc.__class__.__name__})") from None
+    state = {key.removeprefix("net."): value for key, value in state.get("state_dict", state).items()}
+    own = net.state_dict()
+    matched = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
+    if not matched:
+        raise DataError(path, "no tensor matches this network: another architecture or width?")
+    net.load_state_dict(matched, strict=False)
+    return f"initial weights: {len(matched)} of {len(own)} tensors from {path.name}"
+
+
+def _trainer(config: TrainConfig, logger, checkpoints: Path):
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    checkpoint = ModelCheckpoint(dirpath=config.out_dir / "checkpoints", monitor="val_loss", mode="min", save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor="val_loss", mode="min", save_last=True)
     trainer = L.Trainer(
         max_epochs=config.epochs,
         min_epochs=max(1, config.epochs // 2),  # no early stop while the one-cycle LR is still high
@@ -197,7 +226,8 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str):
+def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str, resumed_run: str | None = None):
+    """The job's one MLflow run: the interrupted run again when resuming, so a job stays one run."""
     import mlflow
 
     settings = get_settings()
@@ -205,6 +235,8 @@ def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str):
     if mlflow.get_experiment_by_name(config.experiment) is None and settings.tracking_uri.startswith("sqlite"):
         mlflow.create_experiment(config.experiment, artifact_location=settings.artifact_root)
     mlflow.set_experiment(config.experiment)
+    if resumed_run:
+        return mlflow.start_run(run_id=resumed_run)
     run = mlflow.start_run(run_name=f"train-{spec.network}-{spec.image_size}px")
     params = config.model_dump(mode="json", exclude={"split", "out_dir", "experiment"})
     # DDP splits each epoch across devices × nodes, each taking batch_size per step: the effective batch grows with
@@ -240,18 +272,31 @@ def run(config: TrainConfig) -> dict:
     )
     data = _data_module(split, config, classes)
     module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
+    if config.init_weights is not None:
+        print(load_initial_weights(module.net, config.init_weights), flush=True)
     data_hash = file_hash(config.split)
-    mlflow_run = _start_mlflow_run(config, spec, data_hash) if is_global_zero() else None
+    checkpoints = checkpoint_folder(config, data_hash)
+    last, run_file = checkpoints / "last.ckpt", checkpoints / "mlflow_run_id"
+    resume_from = last if config.resume and last.exists() and run_file.exists() else None
+    mlflow_run = _start_mlflow_run(config, spec, data_hash, run_file.read_text() if resume_from else None) if is_global_zero() else None
+    if mlflow_run is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(mlflow_run.info.run_id)
+    if resume_from is not None and is_global_zero():
+        epoch = torch.load(resume_from, map_location="cpu", weights_only=False)["epoch"]
+        print(f"resuming the interrupted run from its checkpoint after epoch {epoch + 1}", flush=True)
     logger = MLFlowLogger(tracking_uri=get_settings().tracking_uri, run_id=mlflow_run.info.run_id) if mlflow_run else False
-    trainer, checkpoint = _trainer(config, logger)
-    trainer.fit(module, datamodule=data)
+    trainer, checkpoint = _trainer(config, logger, checkpoints)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     if not trainer.is_global_zero:
         return {}
     best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
     classifier = Classifier(spec, module.net)
     calibration = _fit_on_validation(classifier, split[split["split"] == "val"], config, classes)
-    return _publish(classifier, config, mlflow_run, data_hash, trainer.current_epoch, calibration)
+    published = _publish(classifier, config, mlflow_run, data_hash, trainer.current_epoch, calibration)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing to resume
+    return published
 
 
 def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config: TrainConfig, classes: list[str]) -> dict[str, float]:

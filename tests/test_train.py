@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import pytest
 
@@ -58,3 +60,59 @@ def test_multi_node_joins_through_torchrun_and_not_twice(settings_env):
     assert ["--nnodes", "3"] == command[3:5] and "--rdzv-endpoint" in command and "node0:29400" in command
     settings_env.setenv("TORCHELASTIC_RUN_ID", "job")
     assert torchrun_command(TrainConfig(num_nodes=3)) is None
+
+
+def test_initial_weights_load_where_names_and_shapes_match(tmp_path):
+    import torch
+
+    from components.errors import DataError
+    from components.model import ModelSpec, build_network
+    from components.train import load_initial_weights
+
+    spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["a", "b"])
+    donor = build_network(spec)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in donor.state_dict().items()}}, tmp_path / "donor.ckpt")
+    three_classes = build_network(spec.model_copy(update={"classes": ["a", "b", "c"]}))
+    message = load_initial_weights(three_classes, tmp_path / "donor.ckpt")
+    assert torch.equal(three_classes.conv1.weight, donor.conv1.weight)
+    assert three_classes.fc.weight.shape[0] == 3, "the head for other classes keeps its own initialisation"
+    assert message.startswith("initial weights:") and "of" in message
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="not a PyTorch checkpoint"):
+        load_initial_weights(three_classes, tmp_path / "junk.pt")
+
+
+@pytest.mark.slow
+def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from tests.conftest import make_workspace, workspace_env
+
+    params = {"synth": {"subjects": 24, "image_size": 64}, "train": {"image_size": 48, "epochs": 6, "batch_size": 8,
+              "channels": [8, 16, 16, 16], "patience": 10}}  # fmt: skip
+    root = make_workspace(tmp_path / "ws", params)
+    env = workspace_env(root)
+    for name in ("synth", "ingest", "validate", "split"):
+        assert subprocess.run([sys.executable, "-m", f"components.{name}"], cwd=root, env=env, capture_output=True).returncode == 0
+    first = subprocess.Popen(
+        [sys.executable, "-m", "components.train"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for line in first.stdout:
+        if line.startswith("epoch 3/6"):
+            time.sleep(1.5)  # let the checkpoint of epoch 3 land
+            first.send_signal(signal.SIGKILL)
+            break
+    first.wait(timeout=60)
+    assert list((root / "data" / "checkpoints").glob("*/last.ckpt")), "the killed run left its checkpoint"
+    second = subprocess.run([sys.executable, "-m", "components.train"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "resuming the interrupted run from its checkpoint after epoch" in second.stdout
+    assert "epoch 1/6" not in second.stdout and "epoch 6/6" in second.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one job, one MLflow run"
+    assert not list((root / "data" / "checkpoints").glob("*/last.ckpt")), "a finished run leaves nothing to resume"
