@@ -146,6 +146,7 @@ class EvaluateConfig(Section):
     report_dir: Path = Path("reports")
     min_group_size: int = Field(20, ge=1)
     bootstrap_resamples: int = Field(1000, ge=0)  # 0: no intervals
+    lesion_curve_slices: int = Field(100, ge=0)  # tumour-free test slices that receive synthetic lesions (0: no curve)
 
 
 class RegisterConfig(Section):
@@ -155,6 +156,7 @@ class RegisterConfig(Section):
     min_specificity: float = Field(0.8, ge=0, le=1)
     min_auc: float = Field(0.85, ge=0, le=1)
     min_subgroup_sensitivity: float = Field(0.8, ge=0, le=1)
+    max_smallest_lesion_mm: float | None = Field(None, gt=0)  # early detection: see components/lesion_curve.py
     tolerance: float = Field(0.005, ge=0, le=1)
 
 

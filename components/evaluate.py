@@ -152,6 +152,7 @@ def run(config: EvaluateConfig) -> dict[str, float]:
     test_predictions(classifier.spec, test, probabilities).to_csv(predictions_file, index=False)
     statistics = _write_statistics(config, classifier.spec, test["label"].to_numpy(), probabilities)
     metrics["ece"] = statistics.pop("ece")
+    metrics.update(_early_detection(config, classifier, test))
     metrics_file.write_text(json.dumps(metrics, indent=2))
     run_id = json.loads((config.model_dir / "model.json").read_text())["run_id"]
     _log_to_mlflow(
@@ -159,6 +160,25 @@ def run(config: EvaluateConfig) -> dict[str, float]:
     )
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
+
+
+def _early_detection(config: EvaluateConfig, classifier: Classifier, test: pd.DataFrame) -> dict[str, float]:
+    """The lesion-size curve on tumour-free test slices (reports/statistics/lesion_curve.csv) and its summary."""
+    from components.config import NO_TUMOUR
+    from components.lesion_curve import DETECTION_LEVEL, lesion_curve, smallest_detected
+
+    negatives = test[test["label"] == NO_TUMOUR]
+    if config.lesion_curve_slices == 0 or negatives.empty:
+        return {}
+    chosen = negatives.sample(min(len(negatives), config.lesion_curve_slices), random_state=0)
+    images = [read_slice(path, name=name) for path, name in zip(chosen["path"], chosen["image_id"])]
+    curve = lesion_curve(classifier, images)
+    curve.to_csv(config.report_dir / "statistics" / "lesion_curve.csv", index=False)
+    smallest = smallest_detected(curve)
+    rates = ", ".join(f"{d:g} mm {r:.2f}" for d, r in zip(curve["diameter_mm"], curve["detection_rate"]))
+    print(f"lesion-size curve on {len(images)} tumour-free test slices (0 mm = false positives): {rates}")
+    print(f"smallest lesion found in {DETECTION_LEVEL:.0%} of slices: {smallest:g} mm")
+    return {"smallest_lesion_mm": smallest} if np.isfinite(smallest) else {}
 
 
 def _write_statistics(config: EvaluateConfig, spec: ModelSpec, labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:

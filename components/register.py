@@ -47,11 +47,17 @@ def threshold_failures(metrics: dict[str, float], config: RegisterConfig) -> lis
     }
     if "worst_subgroup_sensitivity" in metrics:  # only where the data has subgroups big enough to judge
         required["worst_subgroup_sensitivity"] = config.min_subgroup_sensitivity
-    return [
+    failures = [
         f"{name} {metrics.get(name, float('nan')):.4f} is below the required {minimum}"
         for name, minimum in required.items()
         if not metrics.get(name, float("nan")) >= minimum
     ]
+    smallest = metrics.get("smallest_lesion_mm", float("nan"))
+    if config.max_smallest_lesion_mm is not None and not smallest <= config.max_smallest_lesion_mm:
+        failures.append(
+            f"smallest lesion found in 90% of slices is {smallest:.1f} mm; at most {config.max_smallest_lesion_mm} mm is required"
+        )
+    return failures
 
 
 def comparison_failures(differences: list[Difference], tolerance: float) -> list[str]:
