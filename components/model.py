@@ -90,13 +90,23 @@ def fit_temperature(log_probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(result.x)
 
 
-def threshold_for_sensitivity(tumour_score: np.ndarray, is_tumour: np.ndarray, target: float) -> float:
-    """The highest P(tumour) threshold whose sensitivity on these (validation) images is at least ``target``."""
+def threshold_for_sensitivity(tumour_score: np.ndarray, is_tumour: np.ndarray, target: float, confidence: float = 0.95) -> float:
+    """The highest P(tumour) threshold at which the validation sensitivity is at least ``target`` with
+    ``confidence`` (one-sided Wilson lower bound), so that unseen patients still get about ``target``: the
+    threshold where validation merely touches it sits on the edge and new data falls below it."""
+    from scipy.stats import norm
+
     positives = np.sort(tumour_score[is_tumour])
-    if not len(positives):
+    n = len(positives)
+    if not n:
         return 0.5
-    allowed_misses = int(np.floor((1 - target) * len(positives) + 1e-9))
-    return float(np.clip(positives[allowed_misses], 1e-4, 1 - 1e-4))
+    z = norm.ppf(confidence)
+    for misses in range(int(np.floor((1 - target) * n)), -1, -1):
+        p = (n - misses) / n
+        lower = (p + z * z / (2 * n) - z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+        if lower >= target:
+            break
+    return float(np.clip(positives[max(misses, 0)], 1e-4, 1 - 1e-4))
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:

@@ -54,3 +54,38 @@ def test_embedding_summary_is_fitted_saved_and_reloaded(tmp_path: Path):
     assert summary.shape == (12, len(EMBEDDING_COLUMNS)) and abs(summary[:, 0].mean()) < 1e-6
     classifier.save(tmp_path)
     np.testing.assert_allclose(Classifier.load(tmp_path).embeddings(features), summary, atol=1e-6)
+
+
+def test_operating_threshold_keeps_a_margin_above_the_target_sensitivity():
+    from components.model import threshold_for_sensitivity
+
+    rng = np.random.default_rng(0)
+    scores = rng.random(400)
+    threshold = threshold_for_sensitivity(scores, np.ones(400, bool), target=0.9)
+    validation_sensitivity = (scores >= threshold).mean()
+    assert 0.92 <= validation_sensitivity <= 0.96, "above 0.9 by the Wilson margin, not far above"
+    assert threshold_for_sensitivity(scores[:5], np.ones(5, bool), target=0.9) == scores[:5].min(), "few positives: miss none"
+
+
+def test_temperature_scaling_lowers_the_calibration_error_of_an_overconfident_model():
+    from components.model import expected_calibration_error, fit_temperature
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 4000)
+    logits = np.where(labels[:, None] == np.arange(2), 1.0, 0.0) + rng.normal(0, 1.2, (4000, 2))
+    overconfident = logits * 4  # right ranking, far too sure
+    log_probs = overconfident - np.log(np.exp(overconfident).sum(axis=1, keepdims=True))
+    temperature = fit_temperature(log_probs, labels)
+    calibrated = np.exp(log_probs / temperature)
+    calibrated /= calibrated.sum(axis=1, keepdims=True)
+    assert temperature > 2
+    assert expected_calibration_error(calibrated, labels) < expected_calibration_error(np.exp(log_probs), labels) / 3
+
+
+def test_decide_uses_the_operating_threshold_then_the_most_probable_tumour_type():
+    from components.model import ModelSpec, decide
+
+    spec = ModelSpec(network="resnet", image_size=32, channels=[8] * 4, blocks=[1] * 4, classes=["glioma", "notumor", "pituitary"])
+    probabilities = np.array([[0.2, 0.7, 0.1], [0.25, 0.6, 0.15], [0.1, 0.3, 0.6]])
+    assert decide(probabilities, spec).tolist() == ["notumor", "notumor", "pituitary"]
+    assert decide(probabilities, spec.model_copy(update={"operating_threshold": 0.35})).tolist() == ["notumor", "glioma", "pituitary"]
