@@ -3,15 +3,23 @@
 Both explanations are computed at the resolution of the model input (``spec.image_size``²), on the slice
 prepared exactly as for prediction (:meth:`Classifier.batch`), so a heatmap pixel is a model-input pixel.
 
-The explained class defaults to the tumour evidence (:func:`target_class`): the predicted class, or, when
-the model predicts "notumor", the most probable tumour class. A clinician asks "what speaks for a tumour
-here?", and an explanation of "notumor" (evidence spread over healthy tissue) does not answer it.
+The explained class defaults to the tumour evidence (:func:`target_class`): the most probable tumour class,
+which is the predicted class whenever a tumour is predicted. When the model predicts "notumor", it still
+shows what speaks most for a tumour: an explanation of "notumor" (evidence spread over healthy tissue)
+does not answer a clinician's "why (not) a tumour?".
 
 Thread safety: the classifier's network is shared by the web service and is only ever *read* here.
 Grad-CAM needs hooks and gradients, so it runs on a private per-call copy of the network (built on the
 meta device and given the shared weight tensors, so nothing is copied or randomly initialised); the
 shared network never sees a hook, a changed ``inplace`` flag, a ``.grad`` or a mode switch, and
 concurrent calls need no lock. Occlusion only runs forward passes under ``torch.inference_mode``.
+
+How far to trust them: on a toy task whose answer is known (tests/test_explain.py: a bright blob decides
+the class; small ResNet, 96 px, 7 training seeds per setting), occlusion put 27-40× the blob's area fraction
+of its mass on the blob in every run. Grad-CAM did so in all runs with the batch-norm stem (4.8-8.7×), but
+with the group-norm stem that params.yaml trains it failed in 2 of 7 runs (0.9× and 1.8×, its peak near the
+blob on 0-8 % of slices), where only the initialisation differed and the model was just as accurate.
+Check Grad-CAM against occlusion or lesion masks (:func:`mass_inside`) before trusting it for a model.
 
 torch and MONAI are imported inside the functions: importing this module stays fast.
 """
@@ -31,9 +39,11 @@ if TYPE_CHECKING:
 # Grad-CAM's map has the target layer's resolution and is then upsampled to the input. A coarse map
 # cannot localise: ResNet layer4 is 2×2 at 48 px and 4×4 at 112 px. The target is the deepest feature
 # stage whose map is at least MIN_CAM_WIDTH pixels wide at the model's input size (deeper = more
-# class-specific, shallower = finer). Measured on a toy task (tests/test_explain.py: a bright blob decides
-# the class, 96 px, small ResNet): layer2 (12×12) put ~6-7× chance mass on the blob and won the pointing
-# game on 80-97 % of images; layer3 (6×6) ~3× and 13-27 %; layer4 (3×3) ~2× and 10 %. Hence 8, not 4.
+# class-specific, shallower = finer). Measured on the toy task of tests/test_explain.py (a bright blob of
+# radius S/12 decides the class; small ResNet with the batch-norm stem, 96 px): layer2 (12×12) put 4.8-8.7×
+# the blob's area fraction of its mass on the blob (7 training seeds), its peak within half a cell of the
+# blob on 83-100 % of slices; layer3 (6×6) 1.9-2.7×, peak on the blob on 0-30 %; layer4 (3×3) ~1.5×.
+# At 48 px no stage did well (layer1 12×12 or layer2 6×6: 1.7-3.3×).
 MIN_CAM_WIDTH = 8
 
 
@@ -103,20 +113,21 @@ def _network_kind(spec: ModelSpec) -> str:
 
 
 def target_class(probabilities: np.ndarray, spec: ModelSpec, class_index: int | None = None) -> int:
-    """The class an explanation is about: ``class_index`` if given, else the predicted class, unless that is
-    "notumor", then the most probable tumour class (what speaks for a tumour, even in a negative slice)."""
+    """The class an explanation is about: ``class_index`` if given, else the most probable tumour class.
+
+    That is the predicted class whenever a tumour is predicted (by argmax, or at the operating threshold by
+    :func:`components.model.decide`, which also names the most probable tumour type), and, when "notumor" is
+    predicted, what speaks most for a tumour in this slice: a clinician asks "why (not) a tumour?", and an
+    explanation of "notumor" (evidence spread over healthy tissue) answers neither."""
     n = len(spec.classes)
     if class_index is not None:
         if not 0 <= class_index < n:
             raise ValueError(f"class_index {class_index} is outside 0..{n - 1} ({spec.classes})")
         return int(class_index)
-    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    predicted = int(np.argmax(probabilities))
-    free = spec.tumour_free_index
-    if predicted != free or n == 1:
-        return predicted
-    tumour = probabilities.copy()
-    tumour[free] = -np.inf
+    if n == 1:
+        return 0
+    tumour = np.asarray(probabilities, dtype=np.float64).reshape(-1).copy()
+    tumour[spec.tumour_free_index] = -np.inf
     return int(np.argmax(tumour))
 
 
@@ -134,6 +145,10 @@ def _private_net(net, spec: ModelSpec):
     tensors with ``load_state_dict(assign=True)``; ``state_dict`` reads only parameters and buffers, so a
     hook that another thread is adding to the shared net meanwhile cannot leak into the copy. A network
     that is not ``build_network(spec)`` is deep-copied instead, with any copied hooks dropped.
+    The copy's weights are frozen: gradients flow to the input only. Besides saving work, this avoids a
+    torch 2.13 CPU bug: the *weight* gradient of a channels-last stride-2 1×1 conv (the ResNet shortcut) with
+    an input of 56 px or more corrupts the heap ("double free or corruption"), and the classifier's net is
+    channels-last.
     """
     import copy
 
@@ -155,7 +170,7 @@ def _private_net(net, spec: ModelSpec):
                 hooks.clear()
     clone.eval()
     for parameter in clone.parameters():
-        parameter.requires_grad_(False)  # gradients flow from the input; no .grad is ever written
+        parameter.requires_grad_(False)  # a new Parameter object: the shared net's flags are untouched
     return clone
 
 
@@ -205,7 +220,7 @@ def gradcam(classifier: Classifier, image: np.ndarray, class_index: int | None =
     with torch.inference_mode(False), torch.enable_grad():
         x = torch.from_numpy(batch).requires_grad_(True)
         with torch.no_grad():
-            probabilities = torch.softmax(net(x), dim=1)[0].numpy()
+            probabilities = torch.softmax(net(x) / classifier.spec.temperature, dim=1)[0].numpy()
         index = target_class(probabilities, classifier.spec, class_index)
         cam = GradCAM(nn_module=net, target_layers=stage.name, upsampler=_cell_upsampler(stage), postprocessing=lambda m: m)
         heatmap = cam(x, class_idx=index)[0, 0].detach().numpy().astype(np.float64)
@@ -232,7 +247,8 @@ def occlusion(
     """Occlusion sensitivity (S, S) float32 in [0, 1]: how much the target class's probability drops when a
     ``patch``² square around a pixel is replaced by the image's mean, averaged over the patches covering it.
 
-    Values are absolute probability drops (rises count as 0) and are *not* rescaled: a map that is nearly 0
+    Probabilities are the calibrated ones the service reports (``spec.temperature``). Values are absolute
+    probability drops (rises count as 0) and are *not* rescaled: a map that is nearly 0
     everywhere honestly says that no single region carries the decision. Defaults: ``patch`` = S/8 (at least
     3 px), ``stride`` = patch/2; the occluded copies go through the network ``batch_size`` at a time, read-only.
     """
@@ -242,8 +258,8 @@ def occlusion(
     size = batch.shape[-1]
     patch = max(3, size // 8) if patch is None else int(patch)
     stride = max(1, patch // 2) if stride is None else int(stride)
-    if not 1 <= patch <= size or stride < 1:
-        raise ValueError(f"patch must be in 1..{size} and stride >= 1 (got patch={patch}, stride={stride})")
+    if not 1 <= patch <= size or not 1 <= stride <= patch:
+        raise ValueError(f"need 1 <= stride <= patch <= {size}, so every pixel is covered (got patch={patch}, stride={stride})")
     base = batch[0, 0]
     fill = float(base.mean())
     windows = [(r, c) for r in _window_starts(size, patch, stride) for c in _window_starts(size, patch, stride)]
@@ -251,7 +267,7 @@ def occlusion(
     def probabilities(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images)).contiguous(memory_format=torch.channels_last)
-            return torch.softmax(classifier.net(x), dim=1).numpy()
+            return torch.softmax(classifier.net(x) / classifier.spec.temperature, dim=1).numpy()  # as served
 
     reference = probabilities(batch)[0]
     index = target_class(reference, classifier.spec, class_index)
@@ -337,8 +353,10 @@ def mass_inside(heatmap: np.ndarray, mask: np.ndarray) -> float:
     return float(heatmap[inside].sum() / total) if total > 0 else float("nan")
 
 
-def pointing_game(heatmap: np.ndarray, mask: np.ndarray) -> bool:
-    """Whether the heatmap's maximum lies inside the lesion mask (resized as in :func:`mass_inside`).
+def pointing_game(heatmap: np.ndarray, mask: np.ndarray, tolerance: float = 0.0) -> bool:
+    """Whether the heatmap's maximum lies inside the lesion mask (resized as in :func:`mass_inside`), or within
+    ``tolerance`` pixels of it (the original protocol allows 15 px at 224 px: a coarse map such as Grad-CAM's
+    can only peak on its grid of cell centres, ``stride`` pixels apart).
 
     Strict: the highest value inside must exceed every value outside, so a flat or all-zero map, or a tie
     between lesion and background, is a miss rather than a lucky hit.
@@ -347,5 +365,9 @@ def pointing_game(heatmap: np.ndarray, mask: np.ndarray) -> bool:
     inside = _mask_like(heatmap, mask)
     if not inside.any() or heatmap.max() <= 0:
         return False
+    if tolerance > 0:
+        from scipy.ndimage import distance_transform_edt
+
+        inside = distance_transform_edt(~inside) <= tolerance
     outside = heatmap[~inside]
     return bool(heatmap[inside].max() > (outside.max() if outside.size else -np.inf))

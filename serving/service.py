@@ -235,22 +235,26 @@ class TumorScope:
         return answers
 
     @bentoml.api
-    def explain(self, image: Path, ctx: bentoml.Context = None) -> dict:
-        """The prediction with its Grad-CAM heatmap (what in the image drove the tumour score): the raw heatmap
-        at the model's input size, values in [0, 1], and a PNG of it over the slice (base64)."""
-        from components.explain import gradcam, overlay_png
+    def explain(self, image: Path, method: str = "grad-cam", ctx: bentoml.Context = None) -> dict:
+        """The prediction with a heatmap of what in the image drove the tumour score: the raw heatmap at the
+        model's input size, values in [0, 1], and a PNG of it over the slice (base64). ``method``: ``grad-cam``
+        (fast, coarse: one value per feature-map cell) or ``occlusion`` (the drop in P(tumour) when a patch is
+        hidden: slower, and more faithful in our localisation tests)."""
+        from components.explain import gradcam, occlusion, overlay_png
 
+        if method not in ("grad-cam", "occlusion"):
+            raise refuse(HTTPStatus.UNPROCESSABLE_ENTITY, "method must be 'grad-cam' or 'occlusion'")
         started = time.perf_counter()
         scan, data = read_input(image)
         answer, pixels = self._classify(scan)
         served = self.served
         with self.lock:
-            heatmap = gradcam(served.classifier, pixels)
+            heatmap = (gradcam if method == "grad-cam" else occlusion)(served.classifier, pixels)
         self._keep(answer["prediction_id"], pixels)
         self._record(answer, data, pixels, {}, started, ctx)
         return {
             **answer,
-            "method": "grad-cam",
+            "method": method,
             "heatmap": np.round(heatmap, 4).tolist(),
             "overlay_png": base64.b64encode(overlay_png(pixels, heatmap)).decode(),
         }
@@ -383,7 +387,7 @@ TumorScope.add_asgi_middleware(
     routes=UPLOAD_ROUTES,
     max_bytes=MAX_UPLOAD_BYTES,
     json_routes=("/feedback", "/reload"),
-    text_fields={"/predict": ("age_band", "sex", "site", "fhir")},
+    text_fields={"/predict": ("age_band", "sex", "site", "fhir"), "/explain": ("method",)},
 )
 TumorScope.add_asgi_middleware(AccessGuard, store_path=SETTINGS.api_keys_path, required=SETTINGS.auth == "required")
 if SETTINGS.cors_origins:
