@@ -98,6 +98,22 @@ class FeaturesConfig(Section):
     seed: int = 42
 
 
+class ClassicalConfig(Section):
+    features: Path = Path("data/features.csv")
+    selected: Path = Path("reports/features/selected.json")
+    split: Path = Path("data/split.csv")
+    report_dir: Path = Path("reports/classical")
+    models: list[Literal["logistic_regression", "svm", "random_forest", "gradient_boosting"]] = [
+        "logistic_regression",
+        "svm",
+        "random_forest",
+        "gradient_boosting",
+    ]
+    bootstrap_resamples: int = Field(500, ge=0)
+    seed: int = 42
+    experiment: str = "tumorscope-classical"
+
+
 class TrainConfig(Section):
     split: Path = Path("data/split.csv")
     out_dir: Path = Path("models")
@@ -185,6 +201,7 @@ class Params(Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     split: SplitConfig = SplitConfig()
     features: FeaturesConfig = FeaturesConfig()
+    classical: ClassicalConfig = ClassicalConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")

@@ -27,7 +27,7 @@ from components.errors import TumorScopeError
 from components.settings import apply_runtime_env
 from components.stage import ERROR_MARK
 
-STAGES = ("synth", "feedback", "ingest", "validate", "split", "features", "train", "evaluate", "register", "package")
+STAGES = ("synth", "feedback", "ingest", "validate", "split", "features", "classical", "train", "evaluate", "register", "package")
 SKIPPED_MARK = "didn't change, skipping"
 
 
