@@ -163,6 +163,7 @@ class EvaluateConfig(Section):
     min_group_size: int = Field(20, ge=1)
     bootstrap_resamples: int = Field(1000, ge=0)  # 0: no intervals
     lesion_curve_slices: int = Field(100, ge=0)  # tumour-free test slices that receive synthetic lesions (0: no curve)
+    explain_tumours: int = Field(20, ge=0)  # test tumours with masks whose heatmaps are scored (0: none)
 
 
 class RegisterConfig(Section):

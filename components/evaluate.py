@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, f1_score, precision_score, roc_auc_score, roc_curve
 
+from components import explain_report
 from components.config import EvaluateConfig, load_params
 from components.errors import DataError
 from components.fairness import SUBGROUP_COLUMNS, with_age_band
@@ -155,9 +156,12 @@ def run(config: EvaluateConfig) -> dict[str, float]:
     metrics.update(_early_detection(config, classifier, test))
     metrics_file.write_text(json.dumps(metrics, indent=2))
     run_id = json.loads((config.model_dir / "model.json").read_text())["run_id"]
-    _log_to_mlflow(
-        run_id, {**metrics, **statistics}, [metrics_file, subgroup_file, REFERENCE_FILE, *plots, *config.report_dir.glob("statistics/*")]
+    explanations = explain_report.write(
+        classifier, test, stats[EMBEDDING_COLUMNS].to_numpy(), run_id, config.report_dir / "explanations", config.explain_tumours
     )
+    files = [metrics_file, subgroup_file, REFERENCE_FILE, *plots, *config.report_dir.glob("statistics/*")]
+    files += sorted((config.report_dir / "explanations").glob("*"))
+    _log_to_mlflow(run_id, {**metrics, **statistics, **{f"heatmap_{k}": v for k, v in explanations.items()}}, files)
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
