@@ -297,6 +297,19 @@ def rollback(workdir: Workspace = Path(".")) -> None:
     raise typer.Exit(subprocess.call([sys.executable, "-m", "components.package"], env=stage_env(root)))
 
 
+@app.command()
+def tune(
+    trials: Annotated[int | None, typer.Option(help="Trials to add to the study (default: tune.trials in params.yaml).")] = None,
+    apply: Annotated[bool, typer.Option(help="Write the best values into params.yaml's train section.")] = False,
+    workdir: Workspace = Path("."),
+) -> None:
+    """Optuna study over tune.space, each trial scored by subject-grouped cross-validation (SQLite, MLflow child runs)."""
+    root = _enter(workdir)
+    from flows.tuning import tuning
+
+    _result(tuning(workdir=str(root), trials=trials, apply=apply, return_state=True))
+
+
 keys = typer.Typer(no_args_is_help=True, help="API keys of the endpoint (stored hashed; a key is shown once).")
 app.add_typer(keys, name="keys")
 

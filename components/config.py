@@ -156,6 +156,22 @@ class TrainConfig(Section):
         return self
 
 
+class TuneConfig(Section):
+    trials: int = Field(8, ge=1)
+    folds: int = Field(3, ge=2)  # of the split's cross-validation folds
+    epochs: int = Field(6, ge=1)  # per fold and trial
+    storage: Path = Path("data/optuna.db")
+    study: str = "tumorscope-train"
+    experiment: str = "tumorscope-tune"
+    seed: int = 42
+    space: dict[str, dict] = {
+        "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+        "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
+        "label_smoothing": {"low": 0.0, "high": 0.15},
+        "batch_size": {"choices": [16, 32, 64]},
+    }
+
+
 class EvaluateConfig(Section):
     split: Path = Path("data/split.csv")
     model_dir: Path = Path("models")
@@ -204,6 +220,7 @@ class Params(Section):
     features: FeaturesConfig = FeaturesConfig()
     classical: ClassicalConfig = ClassicalConfig()
     train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     package: PackageConfig = PackageConfig()

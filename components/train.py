@@ -250,6 +250,36 @@ def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str, resu
     return run
 
 
+def _spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
+    return ModelSpec(
+        network=config.network,
+        image_size=config.image_size,
+        channels=config.channels,
+        blocks=config.blocks,
+        classes=classes,
+        norm=config.norm,
+    )
+
+
+def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
+    """Fit on ``split``'s train rows and return the last epoch's validation ROC-AUC (tumour vs none). Nothing is
+    logged, checkpointed or saved: this is one fold of one tuning trial."""
+    import lightning as L
+    import torch
+
+    _quiet_lightning()
+    torch.set_num_threads(config.threads)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    classes = sorted(split["label"].unique())
+    module = _lightning_module(_spec(config, classes), config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
+    trainer = L.Trainer(
+        max_epochs=config.epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, precision="16-mixed" if _has_cuda() else "32-true",
+    )  # fmt: skip
+    trainer.fit(module, datamodule=_data_module(split, config, classes))
+    return float(trainer.callback_metrics.get("val_auc", float("nan")))
+
+
 def run(config: TrainConfig) -> dict:
     import lightning as L
     import torch
@@ -262,14 +292,7 @@ def run(config: TrainConfig) -> dict:
     L.seed_everything(config.seed, workers=True, verbose=False)
     split = pd.read_csv(config.split)
     classes = sorted(split["label"].unique())
-    spec = ModelSpec(
-        network=config.network,
-        image_size=config.image_size,
-        channels=config.channels,
-        blocks=config.blocks,
-        classes=classes,
-        norm=config.norm,
-    )
+    spec = _spec(config, classes)
     data = _data_module(split, config, classes)
     module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
     if config.init_weights is not None:

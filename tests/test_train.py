@@ -116,3 +116,58 @@ def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(t
     runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one job, one MLflow run"
     assert not list((root / "data" / "checkpoints").glob("*/last.ckpt")), "a finished run leaves nothing to resume"
+
+
+@pytest.mark.slow
+def test_tuning_runs_a_grouped_cv_study_with_child_runs_and_applies_the_best_values(tmp_path):
+    import subprocess
+    import sys
+
+    import mlflow
+    import optuna
+    import yaml
+
+    from tests.conftest import make_workspace, workspace_env
+
+    params = {"synth": {"subjects": 30, "image_size": 64}, "train": {"image_size": 32, "channels": [8, 8, 8, 8]},
+              "tune": {"trials": 2, "folds": 2, "epochs": 1}}  # fmt: skip
+    root = make_workspace(tmp_path / "ws", params)
+    env = workspace_env(root)
+    for name in ("synth", "ingest", "validate", "split"):
+        assert subprocess.run([sys.executable, "-m", f"components.{name}"], cwd=root, env=env, capture_output=True).returncode == 0
+    tuned = subprocess.run(
+        [sys.executable, "-m", "components.tune", "--apply"], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert tuned.returncode == 0, tuned.stdout[-2000:] + tuned.stderr[-2000:]
+    study = optuna.load_study(study_name="tumorscope-train", storage=f"sqlite:///{root / 'data' / 'optuna.db'}")
+    assert len(study.trials) == 2 and all(t.value is not None for t in study.trials)
+    written = yaml.safe_load((root / "params.yaml").read_text())["train"]
+    assert written["learning_rate"] == study.best_params["learning_rate"] and written["batch_size"] == study.best_params["batch_size"]
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tumorscope-tune").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 3 and len(children) == 2 and all("cv_roc_auc" in r.data.metrics for r in children)
+    again = subprocess.run(
+        [sys.executable, "-m", "components.tune", "--trials", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert (
+        again.returncode == 0
+        and len(optuna.load_study(study_name="tumorscope-train", storage=f"sqlite:///{root / 'data' / 'optuna.db'}").trials) == 3
+    )
+
+
+def test_applying_tuned_values_keeps_the_params_files_comments(tmp_path):
+    import shutil
+
+    import yaml
+
+    from components.tune import apply_to_params
+    from tests.conftest import PROJECT
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(PROJECT / "params.yaml", params)
+    comments = [line for line in params.read_text().splitlines() if "#" in line]
+    apply_to_params({"learning_rate": 0.0042, "batch_size": 64}, params)
+    assert yaml.safe_load(params.read_text())["train"]["learning_rate"] == 0.0042
+    kept = params.read_text()
+    assert sum(comment.split("#", 1)[1].strip() in kept for comment in comments) >= len(comments) - 2
