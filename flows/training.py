@@ -48,14 +48,7 @@ def run_stage(stage: str, workdir: str, force: bool = False) -> dict:
     """
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
     started = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=workdir, env=stage_env(Path(workdir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines = []
-    for line in process.stdout:
-        lines.append(line.rstrip())
-        print(f"[{stage}] {line.rstrip()}", flush=True)
-    code = process.wait()
+    code, lines = stream(command, workdir, stage)
     outcome = {"stage": stage, "seconds": round(time.perf_counter() - started, 1)}
     errors = stage_error(lines)
     if code != 0 and errors:
@@ -63,6 +56,18 @@ def run_stage(stage: str, workdir: str, force: bool = False) -> dict:
     if code != 0:
         raise RuntimeError(f"stage '{stage}' crashed (exit {code}):\n" + "\n".join(lines[-15:]))
     return {**outcome, "status": "up to date" if any(SKIPPED_MARK in line for line in lines) else "ran"}
+
+
+def stream(command: list[str], workdir: str, prefix: str) -> tuple[int, list[str]]:
+    """Run a command in the workspace's stage environment, echoing its output line by line into the flow log."""
+    process = subprocess.Popen(
+        command, cwd=workdir, env=stage_env(Path(workdir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(line.rstrip())
+        print(f"[{prefix}] {line.rstrip()}", flush=True)
+    return process.wait(), lines
 
 
 def stage_error(lines: list[str]) -> str:

@@ -7,15 +7,13 @@ the Prefect process), then the training flow when the best values were applied t
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.states import Failed
 
-from components.stage import ERROR_MARK
-from flows.training import stage_env, training
+from flows.training import stage_error, stream, training
 
 
 @task(task_run_name="optuna-study")
