@@ -19,17 +19,10 @@ from flows.training import stage_error, stream, training
 @task(task_run_name="optuna-study")
 def study(workdir: str, trials: int | None, apply: bool) -> dict:
     command = [sys.executable, "-m", "components.tune", *(["--trials", str(trials)] if trials else []), *(["--apply"] if apply else [])]
-    process = subprocess.Popen(
-        command, cwd=workdir, env=stage_env(Path(workdir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines = []
-    for line in process.stdout:
-        lines.append(line.rstrip())
-        print(f"[tune] {line.rstrip()}", flush=True)
-    if process.wait() != 0:
-        errors = [line.split(ERROR_MARK, 1)[1].strip() for line in lines if ERROR_MARK in line]
-        if errors:
-            return {"error": "\n".join(errors)}
+    code, lines = stream(command, workdir, "tune")
+    if code != 0:
+        if errors := stage_error(lines):
+            return {"error": errors}
         raise RuntimeError("tuning crashed:\n" + "\n".join(lines[-15:]))
     return json.loads((Path(workdir) / "reports" / "tune" / "best.json").read_text())
 
