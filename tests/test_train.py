@@ -147,13 +147,10 @@ def test_tuning_runs_a_grouped_cv_study_with_child_runs_and_applies_the_best_val
     runs = client.search_runs([client.get_experiment_by_name("tumorscope-tune").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 3 and len(children) == 2 and all("cv_roc_auc" in r.data.metrics for r in children)
-    again = subprocess.run(
-        [sys.executable, "-m", "components.tune", "--trials", "1"], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert (
-        again.returncode == 0
-        and len(optuna.load_study(study_name="tumorscope-train", storage=f"sqlite:///{root / 'data' / 'optuna.db'}").trials) == 3
-    )
+    command = [sys.executable, "-m", "components.cli", "tune", "--trials", "1", "--workdir", str(root)]  # the CLI runs the tuning flow
+    again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert len(optuna.load_study(study_name="tumorscope-train", storage=f"sqlite:///{root / 'data' / 'optuna.db'}").trials) == 3
 
 
 def test_applying_tuned_values_keeps_the_params_files_comments(tmp_path):
