@@ -60,7 +60,7 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
             x, y = batch
             loss = self.loss(self(x), y)
             self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
-            self._train_losses.append(float(loss))
+            self._train_losses.append(float(loss.detach()))
             return loss
 
         def validation_step(self, batch, _):
