@@ -190,6 +190,23 @@ def load_initial_weights(net, path: Path) -> str:
     return f"initial weights: {len(matched)} of {len(own)} tensors from {path.name}"
 
 
+def _readable_checkpoint(last: Path) -> Path | None:
+    """The interrupted run's last checkpoint, if there is one and it is whole (a kill while it was being written
+    leaves a torn file: then training starts over)."""
+    import torch
+
+    if not last.exists():
+        return None
+    try:
+        epoch = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    except Exception:  # torch raises several types for a torn file
+        print("the interrupted run's checkpoint is unreadable; training from the start", flush=True)
+        return None
+    if is_global_zero():
+        print(f"resuming the interrupted run from its checkpoint after epoch {epoch + 1}", flush=True)
+    return last
+
+
 def _trainer(config: TrainConfig, logger, checkpoints: Path):
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -300,14 +317,11 @@ def run(config: TrainConfig) -> dict:
     data_hash = file_hash(config.split)
     checkpoints = checkpoint_folder(config, data_hash)
     last, run_file = checkpoints / "last.ckpt", checkpoints / "mlflow_run_id"
-    resume_from = last if config.resume and last.exists() and run_file.exists() else None
+    resume_from = _readable_checkpoint(last) if config.resume and run_file.exists() else None
     mlflow_run = _start_mlflow_run(config, spec, data_hash, run_file.read_text() if resume_from else None) if is_global_zero() else None
     if mlflow_run is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         run_file.write_text(mlflow_run.info.run_id)
-    if resume_from is not None and is_global_zero():
-        epoch = torch.load(resume_from, map_location="cpu", weights_only=False)["epoch"]
-        print(f"resuming the interrupted run from its checkpoint after epoch {epoch + 1}", flush=True)
     logger = MLFlowLogger(tracking_uri=get_settings().tracking_uri, run_id=mlflow_run.info.run_id) if mlflow_run else False
     trainer, checkpoint = _trainer(config, logger, checkpoints)
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
