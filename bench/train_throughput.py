@@ -108,7 +108,7 @@ def lightning_stage(config, frame: pd.DataFrame, classes: list[str], epochs: int
         module = _lightning_module(_spec(config, classes), config, _class_weights(frame["label"], classes))
         trainer = L.Trainer(max_epochs=epochs, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[Throughput()], limit_val_batches=1, num_sanity_val_steps=0,
-                            log_every_n_steps=1)  # fmt: skip
+                            log_every_n_steps=50)  # fmt: skip
         validation = frame.head(config.batch_size).assign(split="val")
         trainer.fit(module, datamodule=_data_module(pd.concat([frame, validation]), config, classes))
     return timing["seen"] / timing["seconds"]
