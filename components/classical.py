@@ -89,7 +89,7 @@ def run(config: ClassicalConfig) -> pd.DataFrame:
     """Fit and score every model and variant; returns the metrics table (one row per model, variant, metric)."""
     import mlflow
 
-    from components.settings import get_settings
+    from components.settings import use_experiment
 
     table, variants = _design(config)
     parts = {part: table[table["split"] == part] for part in ("train", "val", "test")}
@@ -101,8 +101,7 @@ def run(config: ClassicalConfig) -> pd.DataFrame:
         print(reason)
         return pd.DataFrame(columns=["model", "variant", "metric", "value", "low", "high"])
     is_tumour = (parts["test"]["label"] != NO_TUMOUR).to_numpy()
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
-    mlflow.set_experiment(config.experiment)
+    use_experiment(config.experiment)
     rows, fitted = [], {}
     with mlflow.start_run(run_name="classical-models"):
         for variant, columns in variants.items():

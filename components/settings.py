@@ -89,6 +89,18 @@ class Settings(BaseSettings):
         return key_file.read_text().strip().encode()
 
 
+def use_experiment(name: str) -> None:
+    """Point MLflow at the tracking store and experiment ``name``, creating it with this workspace's artifact
+    folder when the store is the embedded SQLite file (else MLflow would write artifacts to ./mlruns)."""
+    import mlflow
+
+    settings = get_settings()
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    if mlflow.get_experiment_by_name(name) is None and settings.tracking_uri.startswith("sqlite"):
+        mlflow.create_experiment(name, artifact_location=settings.artifact_root)
+    mlflow.set_experiment(name)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()

@@ -23,7 +23,7 @@ import pandas as pd
 from components.config import TrainConfig, load_params
 from components.errors import DataError, TumorScopeError
 from components.model import Classifier, ModelSpec, build_network
-from components.settings import get_settings
+from components.settings import get_settings, use_experiment
 
 MLFLOW_REQUIREMENTS = ["torch==2.13.0", "monai==1.6.1", "numpy<3"]
 
@@ -247,11 +247,7 @@ def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str, resu
     """The job's one MLflow run: the interrupted run again when resuming, so a job stays one run."""
     import mlflow
 
-    settings = get_settings()
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    if mlflow.get_experiment_by_name(config.experiment) is None and settings.tracking_uri.startswith("sqlite"):
-        mlflow.create_experiment(config.experiment, artifact_location=settings.artifact_root)
-    mlflow.set_experiment(config.experiment)
+    use_experiment(config.experiment)
     if resumed_run:
         return mlflow.start_run(run_id=resumed_run)
     run = mlflow.start_run(run_name=f"train-{spec.network}-{spec.image_size}px")

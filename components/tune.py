@@ -46,7 +46,7 @@ def run(tune: TuneConfig, train: TrainConfig, trials: int | None = None) -> dict
     import mlflow
     import optuna
 
-    from components.settings import get_settings
+    from components.settings import use_experiment
     from components.train import validation_auc
 
     if not train.split.exists():
@@ -64,8 +64,7 @@ def run(tune: TuneConfig, train: TrainConfig, trials: int | None = None) -> dict
         study_name=tune.study, storage=f"sqlite:///{tune.storage.resolve()}", direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=tune.seed),
     )  # fmt: skip
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
-    mlflow.set_experiment(tune.experiment)
+    use_experiment(tune.experiment)
 
     def objective(trial) -> float:
         values = suggest(trial, tune.space)

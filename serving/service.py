@@ -235,11 +235,12 @@ class TumorScope:
         return answers
 
     @bentoml.api
-    def explain(self, image: Path, method: str = "grad-cam", ctx: bentoml.Context = None) -> dict:
+    def explain(self, image: Path, method: str = "occlusion", ctx: bentoml.Context = None) -> dict:
         """The prediction with a heatmap of what in the image drove the tumour score: the raw heatmap at the
-        model's input size, values in [0, 1], and a PNG of it over the slice (base64). ``method``: ``grad-cam``
-        (fast, coarse: one value per feature-map cell) or ``occlusion`` (the drop in P(tumour) when a patch is
-        hidden: slower, and more faithful in our localisation tests)."""
+        model's input size, values in [0, 1], and a PNG of it over the slice (base64). ``method``: ``occlusion``
+        (the drop in P(tumour) when a patch is hidden; about a second) or ``grad-cam`` (fast, one value per
+        feature-map cell). Occlusion is the default because it is the faithful one here: on the default model,
+        Grad-CAM put 0.1 % of its mass inside test lesions where occlusion put 14 % (reports/explanations)."""
         from components.explain import gradcam, occlusion, overlay_png
 
         if method not in ("grad-cam", "occlusion"):

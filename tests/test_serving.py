@@ -194,8 +194,9 @@ def test_explain_returns_the_heatmap_and_an_overlay_png(endpoint: Endpoint, scan
     overlay = Image.open(io.BytesIO(base64.b64decode(answer["overlay_png"])))
     assert overlay.format == "PNG" and overlay.mode == "RGB"
     assert logged(endpoint, answer["prediction_id"])["predicted_label"] == answer["label"]
-    occluded = post(endpoint, scans["png"], route="/explain", method="occlusion").json()
-    assert occluded["method"] == "occlusion" and np.asarray(occluded["heatmap"]).shape == (48, 48)
+    assert answer["method"] == "occlusion", "the faithful method is the default"
+    gradcam = post(endpoint, scans["png"], route="/explain", method="grad-cam").json()
+    assert gradcam["method"] == "grad-cam" and np.asarray(gradcam["heatmap"]).shape == (48, 48)
     assert post(endpoint, scans["png"], route="/explain", method="shap").status_code == 422
 
 
