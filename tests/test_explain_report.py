@@ -22,7 +22,8 @@ def test_report_scores_heatmaps_against_masks_and_draws_its_figures(tiny_cohort:
     monkeypatch.setenv("TUMORSCOPE_MLFLOW_TRACKING_URI", uri)
     get_settings.cache_clear()
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
+    experiment = mlflow.create_experiment("report", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:  # explicit: earlier tests leave another experiment active
         for epoch, loss in enumerate([0.9, 0.6, 0.4]):
             mlflow.log_metrics({"train_loss": loss, "val_loss": loss + 0.1, "val_auc": 1 - loss / 2}, step=epoch)
     meta = pd.read_csv(tiny_cohort / "metadata.csv")

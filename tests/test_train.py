@@ -90,8 +90,8 @@ def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(t
 
     from tests.conftest import make_workspace, workspace_env
 
-    params = {"synth": {"subjects": 24, "image_size": 64}, "train": {"image_size": 48, "epochs": 8, "batch_size": 8,
-              "channels": [8, 16, 16, 16], "patience": 10}}  # fmt: skip
+    params = {"synth": {"subjects": 16, "image_size": 64}, "train": {"image_size": 32, "epochs": 6, "batch_size": 8,
+              "channels": [8, 8, 8, 8], "patience": 10}}  # fmt: skip
     root = make_workspace(tmp_path / "ws", params)
     env = workspace_env(root)
     for name in ("synth", "ingest", "validate", "split"):
@@ -100,7 +100,7 @@ def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(t
         [sys.executable, "-m", "components.train"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     for line in first.stdout:
-        if line.startswith("epoch 3/8"):  # epoch 2's checkpoint is on disk (epoch 3's may be): kill at once,
+        if line.startswith("epoch 3/6"):  # epoch 2's checkpoint is on disk (epoch 3's may be): kill at once,
             first.send_signal(signal.SIGKILL)  # with epochs left to train whatever the machine's speed
             break
     first.wait(timeout=60)
@@ -108,7 +108,7 @@ def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(t
     second = subprocess.run([sys.executable, "-m", "components.train"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "resuming the interrupted run from its checkpoint after epoch" in second.stdout
-    assert "epoch 1/8" not in second.stdout and "epoch 8/8" in second.stdout
+    assert "epoch 1/6" not in second.stdout and "epoch 6/6" in second.stdout
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one job, one MLflow run"
