@@ -57,16 +57,12 @@ def clinical_matrix(split: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def binary_scores(is_tumour: np.ndarray, score: np.ndarray, rows: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
+    """The CNN's evaluation metrics (same code) at P(tumour) ≥ 0.5, on the resampled rows."""
+    from components.evaluate import binary_metrics
 
     truth, predicted = is_tumour[rows], score[rows] >= 0.5
-    positives, negatives = truth.sum(), (~truth).sum()
-    return {
-        "accuracy": float((predicted == truth).mean()),
-        "sensitivity": float((predicted & truth).sum() / positives) if positives else float("nan"),
-        "specificity": float((~predicted & ~truth).sum() / negatives) if negatives else float("nan"),
-        "roc_auc": float(roc_auc_score(truth, score[rows])) if positives and negatives else float("nan"),
-    }
+    binary = binary_metrics(truth, score[rows], 0.5)
+    return {"accuracy": float((predicted == truth).mean()), **{name: binary[name] for name in ("sensitivity", "specificity", "roc_auc")}}
 
 
 def _design(config: ClassicalConfig) -> tuple[pd.DataFrame, dict[str, list[str]]]:

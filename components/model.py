@@ -110,15 +110,10 @@ def threshold_for_sensitivity(tumour_score: np.ndarray, is_tumour: np.ndarray, t
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
-    confidence, correct = probabilities.max(1), probabilities.argmax(1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    return float(
-        sum(
-            abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean() for b in range(bins) if (which == b).any()
-        )
-    )
+    """ECE of the top-label confidence: the gap between confidence and accuracy over equal-width bins."""
+    from components.intervals import calibration_error, reliability_table
+
+    return calibration_error(reliability_table(probabilities.argmax(1) == labels, probabilities.max(1), bins))
 
 
 class EmbeddingProjection(BaseModel):

@@ -10,6 +10,7 @@ suspicious slice's: a tumour seen on any slice is a tumour in the volume.
 from __future__ import annotations
 
 import gzip
+import io
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ def sniff(data: bytes, name: str = "upload") -> str:
         return "image"
     if data.startswith(GZIP_MAGIC):
         try:
-            head = gzip.GzipFile(fileobj=_Bytes(data)).read(4)
+            head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(4)
         except (OSError, EOFError):
             raise DataError(name, "a gzip file that cannot be decompressed") from None
         if _is_nifti_header(head):
@@ -57,21 +58,15 @@ def sniff(data: bytes, name: str = "upload") -> str:
     raise UnsupportedInput(name, "unsupported file type: send a PNG, JPEG or TIFF slice, a NIfTI volume, or DICOM (a file or a zip)")
 
 
-class _Bytes:
-    """A minimal read-only file over bytes (gzip needs read/seek/tell)."""
-
-    def __init__(self, data: bytes) -> None:
-        import io
-
-        self._io = io.BytesIO(data)
-        self.read, self.seek, self.tell = self._io.read, self._io.seek, self._io.tell
-
-
 def read_scan(path: Path, key: bytes, name: str = "upload") -> Scan:
     """The slices of one file; errors name it by ``name`` (an upload's path is a server temp file)."""
+    return scan_bytes(path.read_bytes(), key, name)
+
+
+def scan_bytes(data: bytes, key: bytes, name: str = "upload") -> Scan:
+    """The slices of a file's bytes (the endpoint also hashes them, so it reads them once)."""
     from components.imaging import read_slice
 
-    data = path.read_bytes()
     if not data:
         raise DataError(name, "the file is empty")
     kind = sniff(data, name)

@@ -11,15 +11,9 @@ clear 4xx before they reach the service.
 from __future__ import annotations
 
 import json
-import re
 
 Scope = dict
 Message = dict
-
-
-def _field_pattern(field: str) -> re.Pattern[bytes]:
-    """The Content-Disposition header line of each part named ``field``."""
-    return re.compile(rb'content-disposition:[^\r\n]*\bname="' + re.escape(field.encode()) + rb'"[^\r\n]*', re.IGNORECASE)
 
 
 class UploadGuard:
@@ -35,7 +29,7 @@ class UploadGuard:
         text_fields: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.app, self.max_bytes, self.json_routes = app, max_bytes, set(json_routes)
-        self.fields = {path: (field, _field_pattern(field)) for path, field in routes.items()}
+        self.fields = routes
         self.text_fields = text_fields or {}
 
     async def __call__(self, scope: Scope, receive, send) -> None:
@@ -53,20 +47,16 @@ class UploadGuard:
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
                 return await _reply(send, 413, f"upload is larger than the limit of {self.max_bytes} bytes")
-        field, pattern = self.fields[scope["path"]]
+        field = self.fields[scope["path"]]
         if not headers.get("content-type", "").startswith("multipart/form-data"):
             return await _reply(send, 415, f"send the scan as multipart/form-data, in a file field named '{field}'")
-        parts = pattern.findall(body)
-        if not parts:
-            return await _reply(send, 400, f"expected the image as a multipart file field named '{field}'")
-        if not all(b"filename=" in part.lower() for part in parts):
-            return await _reply(send, 400, f"'{field}' must be an uploaded file, not a text value (URLs are not fetched)")
         if problem := await self._form_problem(scope, body, field):
             return await _reply(send, 400, problem)
         await self.app(scope, _replay(body), send)
 
     async def _form_problem(self, scope: Scope, body: bytes, field: str) -> str | None:
-        """Why the multipart form cannot go on (an unknown field, a file where text belongs), or None."""
+        """Why the multipart form cannot go on (no file field, text where the file belongs, an unknown field, a
+        file where text belongs), or None."""
         from starlette.datastructures import UploadFile
         from starlette.requests import Request
 
@@ -76,9 +66,11 @@ class UploadGuard:
         except Exception as exc:  # the multipart parser's own errors vary by version; any means a malformed body
             return f"malformed multipart body ({exc.__class__.__name__})"
         try:
+            if field not in form:
+                return f"expected the image as a multipart file field named '{field}'"
             for name, value in form.multi_items():
                 if name == field and not isinstance(value, UploadFile):
-                    return f"'{field}' must be an uploaded file"
+                    return f"'{field}' must be an uploaded file, not a text value (URLs are not fetched)"
                 if name != field and name not in texts:
                     return f"unexpected field '{name}' (fields: {', '.join((field, *texts))})"
                 if name in texts and not isinstance(value, str):

@@ -41,7 +41,7 @@ with bentoml.importing():
     from components.imaging import slice_stats
     from components.model import EMBEDDING_COLUMNS, Classifier, tumour_probability
     from components.predictions import PredictionLog
-    from components.scans import Scan, UnsupportedInput, read_scan
+    from components.scans import Scan, UnsupportedInput, scan_bytes
     from components.settings import get_settings
 
 from serving.auth import CLIENT_HEADER, AccessGuard
@@ -144,8 +144,9 @@ def read_input(path: Path) -> tuple[Scan, bytes]:
     size = path.stat().st_size
     if size > MAX_UPLOAD_BYTES:
         raise refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"upload is {size} bytes; the limit is {MAX_UPLOAD_BYTES}")
+    data = path.read_bytes()
     try:
-        return read_scan(path, SETTINGS.secret_key()), path.read_bytes()
+        return scan_bytes(data, SETTINGS.secret_key()), data
     except UnsupportedInput as exc:
         raise refuse(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, exc.problem) from None
     except DataError as exc:
