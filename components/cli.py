@@ -105,12 +105,52 @@ def _point_params_at(data: Path, model_name: str | None) -> None:
     )
 
 
+PRESET_DIR = Path(__file__).resolve().parents[1] / "params"
+
+
+def _merge(target, overrides) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+def _apply_preset(preset: str) -> None:
+    """Merge a data set's tuned settings (``params/<name>.yaml`` or a YAML file) into params.yaml, keeping its
+    comments: the preset's values become the workspace's versioned params, so `dvc repro` reproduces them."""
+    from ruamel.yaml import YAML, YAMLError
+
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        _fail(f"{preset}: no such preset (presets: {known}; or a .yaml file)")
+    yaml = YAML()
+    try:
+        overrides = YAML(typ="safe").load(path.read_text()) or {}
+    except YAMLError as exc:
+        _fail(f"{path}: not valid YAML ({exc.__class__.__name__})")
+    params_file = Path("params.yaml")
+    params = yaml.load(params_file.read_text())
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        _fail(f"{path}: unknown params.yaml sections {unknown}")
+    _merge(params, overrides)
+    with params_file.open("w") as handle:
+        yaml.dump(params, handle)
+    typer.echo(f"params.yaml: {path.name} applied ({', '.join(f'{k}.*' for k in overrides)})")
+
+
 @app.command()
 def run(
     data: Annotated[
         Path | None, typer.Option(help="A folder of class folders to train on instead of the synthetic cohort (written into params.yaml).")
     ] = None,
     model_name: Annotated[str | None, typer.Option(help="Registered model name for --data (default: from the folder name).")] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Settings tuned for a data set: masoud, lgg (params/<name>.yaml) or a YAML file, merged into params.yaml."),
+    ] = None,
     force_from: Annotated[str | None, typer.Option(help="Rerun this stage and all later ones even if up to date.")] = None,
     workdir: Workspace = Path("."),
 ) -> None:
@@ -122,6 +162,11 @@ def run(
     root = _enter(workdir)
     if data is not None:
         _point_params_at(data, model_name)
+    if preset is not None:
+        _apply_preset(preset)
+        from components.config import load_params
+
+        load_params()  # a preset value out of range fails here, naming its key, before any stage runs
     from flows.training import training
 
     _print_summary(_result(training(workdir=str(root), force_from=force_from, return_state=True)), root)

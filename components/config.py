@@ -129,6 +129,9 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     patience: int = Field(4, ge=1)
     augment: bool = True
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    max_minutes: float | None = Field(None, gt=0)  # a hard cap on training time (Lightning's max_time)
+    flip_averaging: bool = False  # predictions average the slice and its left-right mirror (test-time augmentation)
     devices: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
     lr_scaling: Literal["none", "linear"] = "none"

@@ -37,6 +37,7 @@ class ModelSpec(BaseModel):
     norm: str = "batch"  # models saved before this field existed used batch norm
     temperature: float = 1.0  # softmax temperature fitted on validation: calibrated confidences
     operating_threshold: float = 0.5  # P(tumour) at or above which the answer is a tumour class
+    flip_averaging: bool = False  # logits averaged over the slice and its left-right mirror
 
     @property
     def tumour_free_index(self) -> int:
@@ -250,7 +251,10 @@ class Classifier:
         try:
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(batch)).contiguous(memory_format=torch.channels_last)
-                probabilities = torch.softmax(self.net(x) / self.spec.temperature, dim=1).numpy()
+                logits = self.net(x)
+                if self.spec.flip_averaging:  # brains are near-symmetric: the mirror is a second, free opinion
+                    logits = (logits + self.net(x.flip(-1))) / 2
+                probabilities = torch.softmax(logits / self.spec.temperature, dim=1).numpy()
         finally:
             hook.remove()
         return probabilities, features[0]
