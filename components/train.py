@@ -74,7 +74,7 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
             x, y = batch
             logits = self(x)
             self.log("val_loss", self.loss(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
-            self._val_outputs.append((torch.softmax(logits, 1).detach(), y))
+            self._val_outputs.append((torch.softmax(logits.float(), 1).detach(), y))  # bf16 has no numpy type
 
         def on_validation_epoch_end(self):
             probs, labels = self._gathered()
@@ -132,7 +132,7 @@ def _loader(rows: pd.DataFrame, config: TrainConfig, classes: list[str], train: 
     from components.dataset import SliceDataset, prepared_images
 
     index = {label: i for i, label in enumerate(classes)}
-    dataset = SliceDataset(prepared_images(rows, config.image_size), rows["label"].map(index).to_numpy())
+    dataset = SliceDataset(prepared_images(rows, config.image_size, channels=config.in_channels), rows["label"].map(index).to_numpy())
     return DataLoader(
         dataset, batch_size=config.batch_size, shuffle=train, num_workers=0, drop_last=train and len(dataset) > config.batch_size
     )
@@ -286,6 +286,7 @@ def _spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
         blocks=config.blocks,
         classes=classes,
         norm=config.norm,
+        in_channels=config.in_channels,
         flip_averaging=config.flip_averaging,
     )
 
@@ -354,7 +355,7 @@ def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config:
     from components.dataset import prepared_images
     from components.model import EmbeddingProjection, expected_calibration_error, fit_temperature, threshold_for_sensitivity
 
-    images = prepared_images(validation, config.image_size)
+    images = prepared_images(validation, config.image_size, channels=config.in_channels)
     parts = [classifier.predict_prepared(images[start : start + 256]) for start in range(0, len(images), 256)]
     probabilities, features = np.concatenate([p for p, _ in parts]), np.concatenate([f for _, f in parts])
     classifier.projection = EmbeddingProjection.fit(features, images=images)
