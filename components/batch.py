@@ -86,7 +86,8 @@ def predict_files(inputs: list[Path], model: str = "champion") -> pd.DataFrame:
     slices, volumes = [f for f in files if not _is_volume(f)], [f for f in files if _is_volume(f)]
     chunks = [slices[start : start + BATCH] for start in range(0, len(slices), BATCH)]
     parts = [
-        _rows(classifier, [str(p) for p in chunk], [read_slice(p) for p in chunk]) for chunk in track(chunks, description="predicting")
+        _rows(classifier, [str(p) for p in chunk], [read_slice(p, color=True) for p in chunk])
+        for chunk in track(chunks, description="predicting")
     ]
     parts += [volume_rows(classifier, path) for path in volumes]
     return pd.concat(parts, ignore_index=True)

@@ -13,27 +13,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.imaging import code_version, file_signature, prepare, read_slice
+from components.imaging import code_version, file_signature, model_input, read_slice
 
 CACHE_DIR = Path("data/cache")
 
 
-def _cache_key(frame: pd.DataFrame, image_size: int) -> str:
-    """Files (path, size, modification time), input size and the preparing code, hashed."""
-    digest = hashlib.sha256(f"{image_size}:{code_version()}".encode())
+def _cache_key(frame: pd.DataFrame, image_size: int, channels: int) -> str:
+    """Files (path, size, modification time), input size and channels and the preparing code, hashed."""
+    digest = hashlib.sha256(f"{image_size}:{channels}:{code_version()}".encode())
     for image_id, path in zip(frame["image_id"], frame["path"]):
         digest.update(f"{image_id}:{file_signature(path)}".encode())
     return digest.hexdigest()[:20]
 
 
-def prepared_images(frame: pd.DataFrame, image_size: int, cache_dir: Path = CACHE_DIR) -> np.ndarray:
-    """(N, 1, S, S) float32 model input for every manifest row, from cache when possible."""
-    cache = cache_dir / f"{_cache_key(frame, image_size)}.npy"
+def prepared_images(frame: pd.DataFrame, image_size: int, cache_dir: Path = CACHE_DIR, channels: int = 1) -> np.ndarray:
+    """(N, channels, S, S) float32 model input for every manifest row, from cache when possible."""
+    cache = cache_dir / f"{_cache_key(frame, image_size, channels)}.npy"
     if cache.exists():
         return np.load(cache)
     # errors name the image by its pseudonym: source paths can carry patient IDs
-    images = (read_slice(path, name=image_id) for path, image_id in zip(frame["path"], frame["image_id"]))
-    array = np.stack([prepare(image, image_size) for image in images])[:, None]
+    images = (read_slice(path, name=image_id, color=channels > 1) for path, image_id in zip(frame["path"], frame["image_id"]))
+    array = np.stack([model_input(image, image_size, channels) for image in images])
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, array)
     return array

@@ -44,7 +44,7 @@ def binary_metrics(is_tumour: np.ndarray, score: np.ndarray, threshold: float = 
 def score_images(classifier: Classifier, paths: list[str], names: list[str] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Class probabilities, raw-image statistics and the embedding summary for each file (``names`` label errors
     instead of paths)."""
-    images = [read_slice(path, name=name) for path, name in zip(paths, names or paths)]
+    images = [read_slice(path, name=name, color=True) for path, name in zip(paths, names or paths)]
     probabilities, features = classifier.predict(images)
     stats = pd.DataFrame([slice_stats(image) for image in images])
     stats[EMBEDDING_COLUMNS] = classifier.embeddings(features)
@@ -175,7 +175,7 @@ def _early_detection(config: EvaluateConfig, classifier: Classifier, test: pd.Da
     if config.lesion_curve_slices == 0 or negatives.empty:
         return {}
     chosen = negatives.sample(min(len(negatives), config.lesion_curve_slices), random_state=0)
-    images = [read_slice(path, name=name) for path, name in zip(chosen["path"], chosen["image_id"])]
+    images = [read_slice(path, name=name, color=True) for path, name in zip(chosen["path"], chosen["image_id"])]
     curve = lesion_curve(classifier, images)
     curve.to_csv(config.report_dir / "statistics" / "lesion_curve.csv", index=False)
     smallest = smallest_detected(curve)

@@ -133,9 +133,9 @@ def target_class(probabilities: np.ndarray, spec: ModelSpec, class_index: int | 
 
 def _prepared(classifier: Classifier, image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"expected one 2D slice, got an array of shape {image.shape}")
-    return classifier.batch([image])  # (1, 1, S, S) float32
+    if image.ndim not in (2, 3):
+        raise ValueError(f"expected one 2D slice (gray or colour), got an array of shape {image.shape}")
+    return classifier.batch([image])  # (1, C, S, S) float32
 
 
 def _private_net(net, spec: ModelSpec):
@@ -260,8 +260,7 @@ def occlusion(
     stride = max(1, patch // 2) if stride is None else int(stride)
     if not 1 <= patch <= size or not 1 <= stride <= patch:
         raise ValueError(f"need 1 <= stride <= patch <= {size}, so every pixel is covered (got patch={patch}, stride={stride})")
-    base = batch[0, 0]
-    fill = float(base.mean())
+    fill = batch[0].mean(axis=(1, 2))[:, None, None]  # each channel's own mean
     windows = [(r, c) for r in _window_starts(size, patch, stride) for c in _window_starts(size, patch, stride)]
 
     def probabilities(images: np.ndarray) -> np.ndarray:
@@ -276,7 +275,7 @@ def occlusion(
         chunk = windows[start : start + batch_size]
         occluded = np.repeat(batch, len(chunk), axis=0)
         for k, (r, c) in enumerate(chunk):
-            occluded[k, 0, r : r + patch, c : c + patch] = fill
+            occluded[k, :, r : r + patch, c : c + patch] = fill
         drops[start : start + len(chunk)] = reference[index] - probabilities(occluded)[:, index]
     total, coverage = np.zeros((size, size)), np.zeros((size, size))
     for (r, c), drop in zip(windows, np.clip(drops, 0.0, 1.0)):
@@ -311,6 +310,7 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> 
     from components.imaging import prepare
 
     image, heatmap = np.asarray(image, dtype=np.float64), np.asarray(heatmap, dtype=np.float64)
+    image = image.mean(axis=-1) if image.ndim == 3 else image  # a colour (multi-sequence) slice is shown gray
     if image.ndim != 2 or heatmap.ndim != 2:
         raise ValueError(f"expected a 2D slice and a 2D heatmap, got shapes {image.shape} and {heatmap.shape}")
     if not 0.0 <= alpha <= 1.0:

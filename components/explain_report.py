@@ -28,7 +28,7 @@ def heatmap_agreement(classifier: Classifier, tumours: pd.DataFrame, folder: Pat
     size = classifier.spec.image_size
     scores: dict[str, list[float]] = {"gradcam_mass": [], "occlusion_mass": [], "gradcam_hit": [], "occlusion_hit": [], "chance": []}
     for index, row in enumerate(tumours.itertuples()):
-        image = read_slice(row.path, name=row.image_id)
+        image = read_slice(row.path, name=row.image_id, color=True)
         mask = read_mask(Path(row.mask_path), size, row.image_id) > 0
         if not mask.any():
             continue

@@ -20,8 +20,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 STAT_COLUMNS = ("width", "height", "mean", "std", "p01", "p50", "p99", "foreground")
 
 
-def read_slice(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
-    """A 2D grayscale slice scaled to [0, 1]; colour images are averaged over channels.
+def read_slice(source: str | Path | bytes, name: str | None = None, color: bool = False) -> np.ndarray:
+    """A 2D grayscale slice scaled to [0, 1]; colour images are averaged over channels unless ``color``
+    asks for (H, W, 3): multi-sequence slices (LGG's T1, FLAIR, T1c) carry one sequence per channel.
 
     ``source`` is a path or the raw bytes of an upload; ``name`` names it in errors.
     """
@@ -37,15 +38,15 @@ def read_slice(source: str | Path | bytes, name: str | None = None) -> np.ndarra
         raise DataError(label, "file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(label, f"not a readable image ({exc.__class__.__name__})") from None
-    return _to_unit_gray(array, label)
+    return _to_unit(array, label, color)
 
 
-def _to_unit_gray(array: np.ndarray, label: str) -> np.ndarray:
+def _to_unit(array: np.ndarray, label: str, color: bool = False) -> np.ndarray:
     # the full range of the stored type, not of this image, so slices of one series stay comparable
     top = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
     if array.ndim == 3:
-        array = array[..., :3].mean(axis=-1)
-    if array.ndim != 2 or min(array.shape) < 2:
+        array = array[..., :3] if color and array.shape[-1] >= 3 else array[..., :3].mean(axis=-1)
+    if array.ndim not in (2, 3) or min(array.shape[:2]) < 2:
         raise DataError(label, f"expected a 2D image, got shape {array.shape}")
     array = array.astype(np.float32)
     if not np.isfinite(array).all():
@@ -53,8 +54,14 @@ def _to_unit_gray(array: np.ndarray, label: str) -> np.ndarray:
     return np.clip(array / top, 0.0, 1.0)
 
 
+def gray(image: np.ndarray) -> np.ndarray:
+    """One plane of a slice read in colour (H, W, 3): the channel mean, as ``read_slice`` gives by default."""
+    return image.mean(axis=-1) if image.ndim == 3 else image
+
+
 def slice_stats(image: np.ndarray) -> dict[str, float]:
     """Raw-intensity statistics: what QC gates and drift monitoring compare."""
+    image = gray(image)
     p01, p50, p99 = np.percentile(image, [1, 50, 99])
     return {
         "width": float(image.shape[1]),
@@ -77,6 +84,18 @@ def prepare(image: np.ndarray, size: int) -> np.ndarray:
     if high - low < 1e-6:
         return np.zeros_like(resized)
     return np.clip((resized - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def model_input(image: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
+    """(channels, size, size) network input from a slice read in gray or colour: each channel is prepared on
+    its own (per-image, per-channel normalisation: LGG's sequences differ in range), a gray slice is repeated
+    for a 3-channel model and a colour one averaged for a 1-channel model."""
+    planes = np.moveaxis(image, -1, 0) if image.ndim == 3 else image[None]
+    if channels == 1 and len(planes) > 1:
+        planes = planes.mean(axis=0, keepdims=True)
+    elif len(planes) == 1 and channels > 1:
+        planes = np.repeat(planes, channels, axis=0)
+    return np.stack([prepare(plane, size) for plane in planes])
 
 
 def file_signature(path: Path | str) -> str:

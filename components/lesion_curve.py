@@ -35,14 +35,21 @@ def brain_of(image: np.ndarray) -> np.ndarray:
 
 
 def insert_lesion(image: np.ndarray, diameter_mm: float, rng: np.random.Generator) -> np.ndarray | None:
-    """The slice with one lesion of about ``diameter_mm`` inside its brain (None when there is no room)."""
-    brain = brain_of(image)
+    """The slice with one lesion of about ``diameter_mm`` inside its brain (None when there is no room).
+    A colour (multi-sequence) slice gets the same lesion in every channel, scaled to that channel's tissue."""
+    from components.imaging import gray
+
+    brain = brain_of(gray(image))
     if brain.sum() < 50:
         return None
     core, rim, oedema, _ = _lesion_maps(rng, brain, diameter_mm * image.shape[1] / FIELD_OF_VIEW_MM)
-    level = float(np.percentile(image[brain], 99))  # the rim's brightness, relative to this slice's tissue
-    contrast = rng.uniform(0.6, 1.0)
-    lesioned = image * (1 - contrast * (0.25 * oedema + 0.5 * core)) + contrast * rim * level * rng.uniform(0.9, 1.3)
+    contrast, brightness = rng.uniform(0.6, 1.0), rng.uniform(0.9, 1.3)
+    planes = np.moveaxis(image, -1, 0) if image.ndim == 3 else image[None]
+    lesioned = []
+    for plane in planes:
+        level = float(np.percentile(plane[brain], 99))  # the rim's brightness, relative to this slice's tissue
+        lesioned.append(plane * (1 - contrast * (0.25 * oedema + 0.5 * core)) + contrast * rim * level * brightness)
+    lesioned = np.moveaxis(np.stack(lesioned), 0, -1) if image.ndim == 3 else lesioned[0]
     return np.clip(lesioned, 0, 1).astype(np.float32)
 
 

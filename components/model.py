@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from components.config import NO_TUMOUR
 from components.errors import TumorScopeError
-from components.imaging import prepare
+from components.imaging import model_input
 
 WEIGHTS_FILE, SPEC_FILE, EMBEDDING_FILE = "model.pt", "model.json", "embedding.json"
 EMBEDDING_COMPONENTS = 5
@@ -33,7 +33,7 @@ class ModelSpec(BaseModel):
     channels: list[int]
     blocks: list[int]
     classes: list[str]
-    in_channels: int = 1
+    in_channels: int = 1  # 3: one MRI sequence per channel (LGG's T1, FLAIR, T1c)
     norm: str = "batch"  # models saved before this field existed used batch norm
     temperature: float = 1.0  # softmax temperature fitted on validation: calibrated confidences
     operating_threshold: float = 0.5  # P(tumour) at or above which the answer is a tumour class
@@ -46,21 +46,22 @@ class ModelSpec(BaseModel):
 
 def build_network(spec: ModelSpec):
     """A MONAI 2D classifier trained from scratch (no pretrained weights can be downloaded here)."""
+    return monai_classifier(spec.network, 2, spec.in_channels, len(spec.classes), spec.channels, spec.blocks, spec.norm)
+
+
+def monai_classifier(
+    network: str, spatial_dims: int, in_channels: int, classes: int, channels: list[int], blocks: list[int], norm: str = "batch"
+):
+    """MONAI's DenseNet121 or a ResNet of the given widths and depths, 2D or 3D. The ResNet stem is a 5-wide
+    stride-2 convolution: MONAI's default 7-wide stride-1 stem costs most of a CPU step, in 3D above all."""
     from monai.networks.nets import DenseNet121, ResNet
 
-    if spec.network == "densenet121":
-        return DenseNet121(spatial_dims=2, in_channels=spec.in_channels, out_channels=len(spec.classes))
+    if network == "densenet121":
+        return DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=classes)
     return ResNet(
-        block="basic",
-        layers=spec.blocks,
-        block_inplanes=spec.channels,
-        spatial_dims=2,
-        n_input_channels=spec.in_channels,
-        num_classes=len(spec.classes),
-        conv1_t_size=5,
-        conv1_t_stride=2,
-        norm=NORMS[spec.norm],
-    )
+        block="basic", layers=blocks, block_inplanes=channels, spatial_dims=spatial_dims, n_input_channels=in_channels,
+        num_classes=classes, conv1_t_size=5, conv1_t_stride=2, norm=NORMS[norm],
+    )  # fmt: skip
 
 
 def tumour_probability(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:
@@ -176,10 +177,10 @@ class EmbeddingProjection(BaseModel):
 
 
 def image_descriptors(images: np.ndarray) -> np.ndarray:
-    """Per prepared image (N, 1, S, S) in [0, 1]: the fraction of non-background pixels, the median and the
+    """Per prepared image (N, C, S, S) in [0, 1] (channels averaged): the fraction of non-background pixels, the median and the
     pixel-to-pixel roughness. A brain slice has a dark background and smooth tissue; a photo, a document or
     noise does not, whatever the network's features say."""
-    flat = images.reshape(len(images), images.shape[-2], images.shape[-1])
+    flat = images.reshape(len(images), -1, images.shape[-2], images.shape[-1]).mean(axis=1)
     roughness = np.abs(np.diff(flat, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(flat, axis=2)).mean(axis=(1, 2))
     return np.stack([(flat > 0.05).mean(axis=(1, 2)), np.median(flat.reshape(len(flat), -1), axis=1), roughness], axis=1)
 
@@ -229,8 +230,8 @@ class Classifier:
             (folder / EMBEDDING_FILE).write_text(self.projection.model_dump_json())
 
     def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Model input (N, 1, S, S) from raw slices, prepared as in training."""
-        return np.stack([prepare(image, self.spec.image_size) for image in images])[:, None]
+        """Model input (N, C, S, S) from raw slices (gray or colour), prepared as in training."""
+        return np.stack([model_input(image, self.spec.image_size, self.spec.in_channels) for image in images])
 
     def predict_proba(self, images: Sequence[np.ndarray], batch_size: int = 64) -> np.ndarray:
         return self.predict(images, batch_size)[0]

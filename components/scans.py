@@ -71,7 +71,7 @@ def scan_bytes(data: bytes, key: bytes, name: str = "upload") -> Scan:
         raise DataError(name, "the file is empty")
     kind = sniff(data, name)
     if kind == "image":
-        return Scan("image", [read_slice(data, name=name)])
+        return Scan("image", [read_slice(data, name=name, color=True)])
     with tempfile.TemporaryDirectory(prefix="tumorscope-scan-") as folder:
         if kind == "nifti":
             volume_file = Path(folder) / ("volume.nii.gz" if data.startswith(GZIP_MAGIC) else "volume.nii")

@@ -105,13 +105,18 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
             print(f"epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: {shown}", flush=True)
 
         def configure_optimizers(self):
-            optimizer = torch.optim.AdamW(self.parameters(), lr=config.effective_learning_rate, weight_decay=config.weight_decay)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=config.effective_learning_rate, total_steps=self.trainer.estimated_stepping_batches
-            )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+            return one_cycle(self, config.effective_learning_rate, config.weight_decay)
 
     return SliceClassifier()
+
+
+def one_cycle(module, learning_rate: float, weight_decay: float) -> dict:
+    """AdamW under a one-cycle schedule over the whole fit, stepped per batch: Lightning's optimiser config."""
+    import torch
+
+    optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=module.trainer.estimated_stepping_batches)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def rank_partition(rows: pd.DataFrame, rank: int, world_size: int, shuffle: bool, seed: int) -> pd.DataFrame:
@@ -291,9 +296,10 @@ def _spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
     )
 
 
-def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
-    """Fit on ``split``'s train rows and return the last epoch's validation ROC-AUC (tumour vs none). Nothing is
-    logged, checkpointed or saved: this is one fold of one tuning trial."""
+def fit_classifier(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
+    """Fit on ``split``'s train rows, calibrate and threshold on its val rows, and return the classifier with the
+    last epoch's validation ROC-AUC (tumour vs none). Nothing is logged, checkpointed or saved: this is one fold
+    of a tuning trial or of a cross-validation (bench/quality.py)."""
     import lightning as L
     import torch
 
@@ -301,13 +307,22 @@ def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
     torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     classes = sorted(split["label"].unique())
-    module = _lightning_module(_spec(config, classes), config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
+    spec = _spec(config, classes)
+    module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
     trainer = L.Trainer(
         max_epochs=config.epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, precision=_precision(config),
+        max_time={"minutes": config.max_minutes} if config.max_minutes else None,
     )  # fmt: skip
     trainer.fit(module, datamodule=_data_module(split, config, classes))
-    return float(trainer.callback_metrics.get("val_auc", float("nan")))
+    classifier = Classifier(spec, module.net)
+    _fit_on_validation(classifier, split[split["split"] == "val"], config, classes)
+    return classifier, float(trainer.callback_metrics.get("val_auc", float("nan")))
+
+
+def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
+    """One tuning trial's score on one fold."""
+    return fit_classifier(config, split)[1]
 
 
 def run(config: TrainConfig) -> dict:

@@ -53,3 +53,29 @@ def test_palette_and_16_bit_images_are_read_by_their_type(tmp_path: Path):
     np.testing.assert_allclose(read_slice(tmp_path / "p.png"), gray / 255, atol=0.02)
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
     np.testing.assert_allclose(read_slice(tmp_path / "sixteen.png"), gray / 255, atol=1e-3)
+
+
+def test_colour_slices_keep_their_sequences_and_each_channel_is_normalised_alone(tmp_path: Path):
+    from components.imaging import model_input
+
+    ramp = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    rgb = np.stack([ramp, ramp // 4, 255 - ramp], axis=-1)  # three sequences with different ranges
+    Image.fromarray(rgb).save(tmp_path / "seq.png")
+    colour = read_slice(tmp_path / "seq.png", color=True)
+    assert colour.shape == (64, 64, 3) and read_slice(tmp_path / "seq.png").shape == (64, 64)
+    planes = model_input(colour, 32, channels=3)
+    assert planes.shape == (3, 32, 32)
+    for plane in planes:  # the dim second sequence is stretched to the full range like the others
+        assert plane.max() == pytest.approx(1.0) and plane.min() == pytest.approx(0.0)
+    assert np.allclose(planes[2], planes[0][:, ::-1], atol=0.05), "the inverted ramp stays inverted"
+
+
+def test_model_input_adapts_gray_and_colour_to_the_network_channels():
+    from components.imaging import model_input
+
+    gray = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    repeated = model_input(gray, 16, channels=3)
+    assert repeated.shape == (3, 16, 16) and np.array_equal(repeated[0], repeated[2])
+    colour = np.stack([gray, gray * 0.5, gray], axis=-1)
+    assert model_input(colour, 16, channels=1).shape == (1, 16, 16)
+    np.testing.assert_allclose(model_input(colour, 16, channels=1)[0], prepare(colour.mean(-1), 16), atol=1e-6)

@@ -38,3 +38,14 @@ def test_curve_has_the_false_positive_row_and_a_rate_per_size():
     curve = lesion_curve(Classifier(spec, build_network(spec)), [_slice(64)] * 4, diameters=(4.0, 16.0))
     assert curve["diameter_mm"].tolist() == [0.0, 4.0, 16.0] and curve["slices"].tolist() == [4, 4, 4]
     assert curve["detection_rate"].between(0, 1).all()
+
+
+def test_a_colour_slice_gets_the_same_lesion_in_every_sequence_at_its_own_level():
+    gray = _slice()
+    colour = np.stack([gray, gray * 0.5, gray], axis=-1)  # a dimmer second sequence
+    lesioned = insert_lesion(colour, 16.0, np.random.default_rng(0))
+    assert lesioned.shape == colour.shape
+    changed = np.abs(lesioned - colour) > 0.01
+    assert changed[..., 0].any() and np.array_equal(changed[..., 0], changed[..., 2]), "one lesion, every sequence"
+    assert (np.abs(lesioned - colour)[..., 1].max()) < (np.abs(lesioned - colour)[..., 0].max()), "scaled per sequence"
+    np.testing.assert_allclose(insert_lesion(gray, 16.0, np.random.default_rng(0)), lesioned[..., 0], atol=1e-6)

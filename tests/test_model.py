@@ -89,3 +89,21 @@ def test_decide_uses_the_operating_threshold_then_the_most_probable_tumour_type(
     probabilities = np.array([[0.2, 0.7, 0.1], [0.25, 0.6, 0.15], [0.1, 0.3, 0.6]])
     assert decide(probabilities, spec).tolist() == ["notumor", "notumor", "pituitary"]
     assert decide(probabilities, spec.model_copy(update={"operating_threshold": 0.35})).tolist() == ["notumor", "glioma", "pituitary"]
+
+
+def test_a_three_sequence_model_answers_colour_and_gray_slices_and_flip_averaging_is_mirror_invariant():
+    import torch
+
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"],
+        in_channels=3, flip_averaging=True,
+    )  # fmt: skip
+    classifier = Classifier.from_weights(spec, build_network(spec).state_dict())
+    rng = np.random.default_rng(1)
+    colour = rng.random((48, 48, 3)).astype(np.float32)
+    probabilities = classifier.predict_proba([colour, colour[:, ::-1], colour.mean(-1)])
+    assert probabilities.shape == (3, 2)
+    np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-5)  # a slice and its mirror: one answer
+    plain = Classifier(spec.model_copy(update={"flip_averaging": False}), classifier.net)
+    assert not np.allclose(plain.predict_proba([colour])[0], plain.predict_proba([colour[:, ::-1]])[0], atol=1e-5)
