@@ -119,6 +119,7 @@ class TrainConfig(Section):
     out_dir: Path = Path("models")
     network: Literal["resnet", "densenet121"] = "resnet"
     image_size: int = Field(96, ge=32, le=512)
+    in_channels: Literal[1, 3] = 1  # 3: colour slices as three sequences (LGG's T1, FLAIR, T1c); gray inputs are repeated
     channels: list[int] = [16, 32, 64, 128]
     blocks: list[int] = [1, 1, 1, 1]
     norm: Literal["batch", "group", "instance"] = "group"
@@ -156,6 +157,36 @@ class TrainConfig(Section):
     def _stages_match(self) -> TrainConfig:
         if len(self.channels) != 4 or len(self.blocks) != 4:
             raise ValueError(f"channels and blocks need one entry per ResNet stage (4), got {len(self.channels)} and {len(self.blocks)}")
+        return self
+
+
+class VolumeTrainConfig(Section):
+    """A 3D MONAI CNN on the preprocessed volumes that ingest lists (components/volume_train.py)."""
+
+    volumes: Path = Path("data/derived/volumes.csv")
+    out_dir: Path = Path("models_volumes")  # not under models/: DVC refuses outputs inside the train stage's
+    report_dir: Path = Path("reports/volumes")
+    cache_dir: Path | None = Path("data/cache")  # resized volumes, keyed on the files; None: no disk cache
+    network: Literal["resnet", "densenet121"] = "resnet"
+    spatial_size: int = Field(64, ge=16, le=256)  # volumes are resized (aspect kept, zero-padded) to this cube
+    channels: list[int] = [8, 16, 32, 64]
+    blocks: list[int] = [1, 1, 1, 1]
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    min_volumes: int = Field(10, ge=2)  # fewer labelled volumes: the stage reports 'skipped' instead of training
+    test_fraction: float = Field(0.25, gt=0, lt=0.5)
+    seed: int = 42
+    threads: int = Field(2, ge=1)
+    experiment: str = "tumorscope-volumes"
+
+    @model_validator(mode="after")
+    def _network_fits(self) -> VolumeTrainConfig:
+        if len(self.channels) != 4 or len(self.blocks) != 4:
+            raise ValueError(f"channels and blocks need one entry per ResNet stage (4), got {len(self.channels)} and {len(self.blocks)}")
+        if self.network == "densenet121" and self.spatial_size < 32:
+            raise ValueError(f"densenet121 halves its input five times: spatial_size must be at least 32, got {self.spatial_size}")
         return self
 
 
@@ -223,6 +254,7 @@ class Params(Section):
     features: FeaturesConfig = FeaturesConfig()
     classical: ClassicalConfig = ClassicalConfig()
     train: TrainConfig = TrainConfig()
+    train_volumes: VolumeTrainConfig = VolumeTrainConfig()
     tune: TuneConfig = TuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
@@ -238,6 +270,35 @@ def _describe(error: ValidationError, path: Path, raw: dict) -> str:
         shown = "" if isinstance(value, dict) else f" = {value!r}"
         lines.append(f"{path}: {key}{shown}: {problem['msg']}")
     return "\n".join(lines)
+
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "params"
+
+
+def preset_overrides(preset: str) -> tuple[Path, dict]:
+    """A data set's tuned settings: ``params/<name>.yaml`` or a YAML file, as {section: {key: value}}."""
+    import yaml
+
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise TumorScopeError(f"{preset}: no such preset (presets: {known}; or a .yaml file)")
+    try:
+        overrides = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TumorScopeError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise TumorScopeError(f"{path}: expected params.yaml sections, each a mapping of keys to values")
+    return path, overrides
+
+
+def train_config_with_preset(preset: str | None, path: Path = PARAMS_FILE) -> TrainConfig:
+    """params.yaml's train section with a preset's train values over it (benchmarks use the preset's network
+    without touching params.yaml)."""
+    config = load_params(path).train
+    if preset is None:
+        return config
+    return TrainConfig.model_validate({**config.model_dump(), **preset_overrides(preset)[1].get("train", {})})
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:

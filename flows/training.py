@@ -27,7 +27,8 @@ from components.errors import TumorScopeError
 from components.settings import apply_runtime_env
 from components.stage import ERROR_MARK
 
-STAGES = ("synth", "feedback", "ingest", "validate", "split", "features", "classical", "train", "evaluate", "register", "package")
+STAGES = ("synth", "feedback", "ingest", "validate", "split", "features", "classical", "train", "train_volumes", "evaluate",
+          "register", "package")  # fmt: skip
 SKIPPED_MARK = "didn't change, skipping"
 
 
