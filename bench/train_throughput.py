@@ -57,9 +57,13 @@ def bare_loop(config, images: np.ndarray, labels: np.ndarray, classes: list[str]
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
 
+    bf16 = config.precision == "bf16-mixed"
+
     def step(batch) -> None:
         optimiser.zero_grad()
-        loss_fn(net(x_all[batch].contiguous(memory_format=torch.channels_last)), y_all[batch]).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(net(x_all[batch].contiguous(memory_format=torch.channels_last)), y_all[batch])
+        loss.backward()
         optimiser.step()
 
     for _ in range(3):  # warm-up, untimed, as Lightning's first epoch is
@@ -81,7 +85,7 @@ def lightning_stage(config, frame: pd.DataFrame, classes: list[str], epochs: int
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from components.train import _class_weights, _data_module, _lightning_module, _quiet_lightning, _spec
+    from components.train import _class_weights, _data_module, _lightning_module, _precision, _quiet_lightning, _spec
 
     _quiet_lightning()
     L.seed_everything(0, verbose=False)
@@ -106,7 +110,7 @@ def lightning_stage(config, frame: pd.DataFrame, classes: list[str], epochs: int
     with mlflow.start_run() as run:
         logger = MLFlowLogger(tracking_uri=tracking, run_id=run.info.run_id)
         module = _lightning_module(_spec(config, classes), config, _class_weights(frame["label"], classes))
-        trainer = L.Trainer(max_epochs=epochs, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        trainer = L.Trainer(max_epochs=epochs, logger=logger, precision=_precision(config), enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[Throughput()], limit_val_batches=1, num_sanity_val_steps=0,
                             log_every_n_steps=50)  # fmt: skip
         validation = frame.head(config.batch_size).assign(split="val")
@@ -119,14 +123,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="a class-folder data set (default: a synthetic cohort)")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--size", type=int, default=None, help="input size (default: train.image_size)")
+    parser.add_argument("--preset", default=None, help="a data set's settings (params/<name>.yaml), e.g. masoud")
     parser.add_argument("--epochs", type=int, default=3, help="the first is warm-up for both")
     args = parser.parse_args()
     import torch
 
-    from components.config import load_params
+    from components.config import train_config_with_preset
     from components.dataset import prepared_images
 
-    config = load_params(PROJECT / "params.yaml").train.model_copy(update={"augment": False})
+    config = train_config_with_preset(args.preset, PROJECT / "params.yaml").model_copy(update={"augment": False})
     if args.size:
         config = config.model_copy(update={"image_size": args.size})
     torch.set_num_threads(config.threads)
@@ -134,7 +139,7 @@ def main() -> None:
     os.chdir(folder)  # the prepared-image cache and MLflow store live here
     frame = frame_of(args.data, args.images, folder)
     classes = sorted(frame["label"].unique())
-    images = prepared_images(frame, config.image_size)
+    images = prepared_images(frame, config.image_size, channels=config.in_channels)
     labels = frame["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     print(
         f"{len(frame)} images at {config.image_size} px, batch {config.batch_size}, {config.network} {config.channels}, {args.epochs} epochs"

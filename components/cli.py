@@ -105,10 +105,7 @@ def _point_params_at(data: Path, model_name: str | None) -> None:
     )
 
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "params"
-
-
-def _merge(target, overrides) -> None:
+def _merge(target, overrides: dict) -> None:
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(target.get(key), dict):
             _merge(target[key], value)
@@ -117,19 +114,14 @@ def _merge(target, overrides) -> None:
 
 
 def _apply_preset(preset: str) -> None:
-    """Merge a data set's tuned settings (``params/<name>.yaml`` or a YAML file) into params.yaml, keeping its
-    comments: the preset's values become the workspace's versioned params, so `dvc repro` reproduces them."""
-    from ruamel.yaml import YAML, YAMLError
+    """Merge a data set's tuned settings into params.yaml, keeping its comments: the preset's values become the
+    workspace's versioned params, so `dvc repro` reproduces them."""
+    from ruamel.yaml import YAML
 
-    path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESET_DIR / f"{preset}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-        _fail(f"{preset}: no such preset (presets: {known}; or a .yaml file)")
+    from components.config import preset_overrides
+
+    path, overrides = preset_overrides(preset)
     yaml = YAML()
-    try:
-        overrides = YAML(typ="safe").load(path.read_text()) or {}
-    except YAMLError as exc:
-        _fail(f"{path}: not valid YAML ({exc.__class__.__name__})")
     params_file = Path("params.yaml")
     params = yaml.load(params_file.read_text())
     unknown = sorted(set(overrides) - set(params))
@@ -163,10 +155,13 @@ def run(
     if data is not None:
         _point_params_at(data, model_name)
     if preset is not None:
-        _apply_preset(preset)
         from components.config import load_params
 
-        load_params()  # a preset value out of range fails here, naming its key, before any stage runs
+        try:
+            _apply_preset(preset)
+            load_params()  # a preset value out of range fails here, naming its key, before any stage runs
+        except TumorScopeError as error:
+            _fail(str(error))
     from flows.training import training
 
     _print_summary(_result(training(workdir=str(root), force_from=force_from, return_state=True)), root)

@@ -48,3 +48,28 @@ def test_pointing_params_at_real_data_sets_source_name_and_the_real_data_duplica
     assert params["register"]["model_name"] == "tumorscope-my-site-training"
     assert params["ingest"]["duplicate_correlation"] == REAL_DATA_DUPLICATE_CORRELATION == 0.97
     assert "# TumorScope pipeline parameters" in (tmp_path / "params.yaml").read_text(), "comments are kept"
+
+
+def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from components.cli import _apply_preset
+    from components.config import PRESET_DIR, load_params
+
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(PROJECT / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    _apply_preset("lgg")
+    preset = yaml.safe_load((PRESET_DIR / "lgg.yaml").read_text())["train"]
+    train = load_params(tmp_path / "params.yaml").train
+    assert train.in_channels == preset["in_channels"] == 3 and train.precision == preset["precision"]
+    assert train.target_sensitivity == 0.95, "keys the preset does not name keep their values"
+    assert "# TumorScope pipeline parameters" in (tmp_path / "params.yaml").read_text(), "comments are kept"
+    (tmp_path / "bad.yaml").write_text("trian:\n  epochs: 3\n")
+    result = subprocess.run([*CLI, "run", "--preset", str(tmp_path / "bad.yaml")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "unknown params.yaml sections ['trian']" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = subprocess.run([*CLI, "run", "--preset", "nope"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and "no such preset (presets: lgg, masoud" in result.stderr

@@ -1,0 +1,127 @@
+"""Quality on real data: grouped k-fold cross-validation of the train stage's network with a data set's preset.
+
+Every image of a patient (LGG) or of a near-duplicate group (Masoud, which has no patient IDs) falls in one fold.
+Per fold: train on k-2 folds, calibrate and pick the operating threshold on the next fold, test on the held-out
+fold. It prints, per fold and as mean ± SD across folds:
+  - multi-class accuracy at the operating threshold;
+  - tumour-vs-none ROC-AUC, sensitivity and specificity at the threshold chosen on the validation fold;
+  - the ROC points the targets name: sensitivity at specificity >= --specificity (and the reverse);
+  - the lesion-size curve's summary on the fold's tumour-free slices (smallest lesion found in 90 %).
+
+  .venv/bin/python bench/quality.py --data ../shared/data/lgg-kaggle_3m/kaggle_3m --preset lgg --folds 5
+  .venv/bin/python bench/quality.py --data ../shared/data/masoud-224/Training --preset masoud --folds 5 --max-folds 1
+
+Training time per fold is printed too: the targets are set for 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+
+def ingest(data: Path, workspace: Path) -> pd.DataFrame:
+    from components.cli import REAL_DATA_DUPLICATE_CORRELATION
+    from components.config import IngestConfig
+    from components.ingest import run
+
+    config = IngestConfig(
+        source=data, out=workspace / "manifest.csv", derived_dir=workspace / "derived", feedback_dir=workspace / "feedback",
+        duplicate_correlation=REAL_DATA_DUPLICATE_CORRELATION,
+    )  # fmt: skip
+    run(config)
+    return pd.read_csv(config.out)
+
+
+def folds_of(manifest: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
+    """Subject- and near-duplicate-grouped, label-stratified folds (the split stage's leakage groups)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from components.split import leakage_groups
+
+    fold = np.empty(len(manifest), int)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for index, (_, test) in enumerate(splitter.split(manifest, manifest["label"], leakage_groups(manifest))):
+        fold[test] = index
+    return fold
+
+
+def roc_points(is_tumour: np.ndarray, score: np.ndarray, level: float) -> dict[str, float]:
+    """The best sensitivity with specificity >= level, and the best specificity with sensitivity >= level."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(is_tumour, score)
+    return {"sens_at_spec": float(tpr[1 - fpr >= level].max()), "spec_at_sens": float((1 - fpr)[tpr >= level].max())}
+
+
+def one_fold(config, manifest: pd.DataFrame, fold: np.ndarray, k: int, folds: int, level: float) -> dict[str, float]:
+    from components.config import NO_TUMOUR
+    from components.evaluate import metrics_for
+    from components.imaging import read_slice
+    from components.lesion_curve import lesion_curve, smallest_detected
+    from components.model import tumour_probability
+    from components.train import fit_classifier
+
+    role = np.where(fold == k, "test", np.where(fold == (k + 1) % folds, "val", "train"))
+    split = manifest.assign(split=role)
+    started = time.perf_counter()
+    classifier, _ = fit_classifier(config, split[split["split"] != "test"])
+    minutes = (time.perf_counter() - started) / 60
+    test = split[split["split"] == "test"]
+    images = [read_slice(path, name=name, color=True) for path, name in zip(test["path"], test["image_id"])]
+    probabilities = classifier.predict_proba(images)
+    metrics = metrics_for(classifier.spec, test["label"], probabilities)
+    is_tumour = (test["label"] != NO_TUMOUR).to_numpy()
+    metrics |= roc_points(is_tumour, tumour_probability(probabilities, classifier.spec), level)
+    negatives = [image for image, tumour in zip(images, is_tumour) if not tumour][:100]
+    metrics["smallest_lesion_mm"] = smallest_detected(lesion_curve(classifier, negatives)) if negatives else float("nan")
+    return {"fold": k, "train_minutes": minutes, "test_images": len(test), "subjects": test["subject"].nunique(), **metrics}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--preset", default=None, help="params/<name>.yaml merged over params.yaml's train section")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--max-folds", type=int, default=None, help="run only the first N folds (time)")
+    parser.add_argument("--specificity", type=float, default=0.95, help="ROC operating level for both points")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"skipped: {args.data} not found (the shared real data sets are not on this machine)")
+    from components.config import train_config_with_preset
+
+    config = train_config_with_preset(args.preset, PROJECT / "params.yaml")
+    workspace = Path(tempfile.mkdtemp(prefix="tumorscope-quality-"))
+    manifest = ingest(args.data.resolve(), workspace)
+    fold = folds_of(manifest, args.folds, args.seed)
+    print(
+        f"{len(manifest)} images, {manifest['subject'].nunique()} subjects, {args.folds} grouped folds; train: {config.model_dump(include={'network', 'image_size', 'in_channels', 'channels', 'blocks', 'epochs', 'precision'})}"
+    )
+    rows = []
+    for k in range(args.max_folds or args.folds):
+        import os
+
+        os.chdir(workspace)  # the prepared-image cache lives in the workspace
+        rows.append(one_fold(config, manifest, fold, k, args.folds, args.specificity))
+        print(
+            " ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}" for key, value in rows[-1].items()), flush=True
+        )
+    table = pd.DataFrame(rows)
+    columns = ["accuracy", "roc_auc", "sensitivity", "specificity", "sens_at_spec", "spec_at_sens", "smallest_lesion_mm", "train_minutes"]
+    summary = table[[c for c in columns if c in table]].agg(["mean", "std", "min", "max"]).T
+    print(f"\nacross {len(table)} folds (sens_at_spec: best sensitivity at specificity >= {args.specificity}; spec_at_sens: the reverse)")
+    print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    main()
