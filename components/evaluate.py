@@ -129,6 +129,30 @@ def _log_to_mlflow(run_id: str, metrics: dict[str, float], files: list[Path]) ->
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
 
 
+def _clinical_fusion(config: EvaluateConfig, classifier: Classifier, split: pd.DataFrame, test: pd.DataFrame, probabilities) -> dict:
+    """The CNN fused with the clinical columns the data has (reports/statistics/fusion.json), next to the image
+    alone."""
+    from components.fusion import late_fusion, usable_columns
+
+    fusion_file = config.report_dir / "statistics" / "fusion.json"
+    fusion_file.unlink(missing_ok=True)
+    val, spec = split[split["split"] == "val"], classifier.spec
+    if not usable_columns(val):
+        return {}
+    val_probabilities, _ = score_images(classifier, val["path"].tolist(), val["image_id"].tolist())
+    fusion = late_fusion(
+        val, tumour_probability(val_probabilities, spec), test, tumour_probability(probabilities, spec),
+        lambda frame: (frame["label"] != spec.classes[spec.tumour_free_index]).to_numpy(),
+    )  # fmt: skip
+    if fusion:
+        fusion_file.write_text(json.dumps(fusion, indent=2))
+        print(
+            f"image + {', '.join(fusion['columns'])} (late fusion fitted on validation): test ROC-AUC "
+            f"{fusion['image_roc_auc']:.4f} -> {fusion['fusion_roc_auc']:.4f}"
+        )
+    return fusion
+
+
 def run(config: EvaluateConfig) -> dict[str, float]:
     if not config.split.exists():
         raise DataError(config.split, "split not found: run the split stage first")
@@ -155,13 +179,15 @@ def run(config: EvaluateConfig) -> dict[str, float]:
     metrics["ece"] = statistics.pop("ece")
     metrics.update(_early_detection(config, classifier, test))
     metrics_file.write_text(json.dumps(metrics, indent=2))
+    fusion = _clinical_fusion(config, classifier, split, test, probabilities)
     run_id = json.loads((config.model_dir / "model.json").read_text())["run_id"]
     explanations = explain_report.write(
         classifier, test, stats[EMBEDDING_COLUMNS].to_numpy(), run_id, config.report_dir / "explanations", config.explain_tumours
     )
     files = [metrics_file, subgroup_file, REFERENCE_FILE, *plots, *config.report_dir.glob("statistics/*")]
     files += sorted((config.report_dir / "explanations").glob("*"))
-    _log_to_mlflow(run_id, {**metrics, **statistics, **{f"heatmap_{k}": v for k, v in explanations.items()}}, files)
+    heatmaps = {f"heatmap_{k}": v for k, v in explanations.items()}
+    _log_to_mlflow(run_id, {**metrics, **statistics, **heatmaps, **{k: v for k, v in fusion.items() if k.endswith("auc")}}, files)
     print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
