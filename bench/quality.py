@@ -17,6 +17,7 @@ Training time per fold is printed too: the targets are set for 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -101,17 +102,16 @@ def main() -> None:
     from components.config import train_config_with_preset
 
     config = train_config_with_preset(args.preset, PROJECT / "params.yaml")
+    data = args.data.resolve()
     workspace = Path(tempfile.mkdtemp(prefix="tumorscope-quality-"))
-    manifest = ingest(args.data.resolve(), workspace)
+    os.chdir(workspace)  # the ingest and prepared-image caches live here
+    manifest = ingest(data, workspace)
     fold = folds_of(manifest, args.folds, args.seed)
     print(
         f"{len(manifest)} images, {manifest['subject'].nunique()} subjects, {args.folds} grouped folds; train: {config.model_dump(include={'network', 'image_size', 'in_channels', 'channels', 'blocks', 'epochs', 'precision'})}"
     )
     rows = []
     for k in range(args.max_folds or args.folds):
-        import os
-
-        os.chdir(workspace)  # the prepared-image cache lives in the workspace
         rows.append(one_fold(config, manifest, fold, k, args.folds, args.specificity))
         print(
             " ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}" for key, value in rows[-1].items()), flush=True

@@ -130,6 +130,7 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     patience: int = Field(4, ge=1)
     augment: bool = True
+    mixup: float = Field(0.0, ge=0)  # Beta(α, α) of mixup; 0: off. Regularises a network that memorises its train set
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     max_minutes: float | None = Field(None, gt=0)  # a hard cap on training time (Lightning's max_time)
     flip_averaging: bool = False  # predictions average the slice and its left-right mirror (test-time augmentation)

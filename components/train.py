@@ -65,7 +65,13 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
 
         def training_step(self, batch, _):
             x, y = batch
-            loss = self.loss(self(x), y)
+            if config.mixup > 0:  # mixup (Zhang et al. 2018): blends of two slices, the loss blended alike
+                weight = float(np.random.beta(config.mixup, config.mixup))
+                partner = torch.randperm(len(y), device=y.device)
+                logits = self(weight * x + (1 - weight) * x[partner])
+                loss = weight * self.loss(logits, y) + (1 - weight) * self.loss(logits, y[partner])
+            else:
+                loss = self.loss(self(x), y)
             self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
             self._train_losses.append(float(loss.detach()))
             return loss

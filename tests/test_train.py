@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -165,3 +168,43 @@ def test_applying_tuned_values_keeps_the_params_files_comments(tmp_path):
     assert yaml.safe_load(params.read_text())["train"]["learning_rate"] == 0.0042
     kept = params.read_text()
     assert sum(comment.split("#", 1)[1].strip() in kept for comment in comments) >= len(comments) - 2
+
+
+def _toy_split(folder: Path, n: int = 96) -> pd.DataFrame:
+    """Colour slices; a tumour is a bright blob in the second sequence only (a FLAIR-like lesion)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(n):
+        image = (rng.random((48, 48, 3)) * 60).astype(np.uint8) + 40
+        tumour = index % 2 == 0
+        if tumour:
+            r, c = rng.integers(10, 38, 2)
+            image[r - 5 : r + 5, c - 5 : c + 5, 1] = 250
+        path = folder / f"{index}.png"
+        Image.fromarray(image).save(path)
+        split = "test" if index % 6 == 5 else "val" if index % 6 == 4 else "train"
+        rows.append({"image_id": f"im{index}", "path": str(path), "label": "tumor" if tumour else "notumor", "split": split})
+    return pd.DataFrame(rows)
+
+
+def test_fit_classifier_with_mixup_bf16_and_flip_averaging_learns_a_lesion_in_one_sequence(tmp_path, monkeypatch):
+    from sklearn.metrics import roc_auc_score
+
+    from components.imaging import read_slice
+    from components.model import tumour_probability
+    from components.train import fit_classifier
+
+    monkeypatch.chdir(tmp_path)
+    split = _toy_split(tmp_path)
+    config = TrainConfig(
+        image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=12, batch_size=16, mixup=0.4,
+        precision="bf16-mixed", flip_averaging=True, target_sensitivity=0.9, threads=1,
+    )  # fmt: skip
+    classifier, _ = fit_classifier(config, split[split["split"] != "test"])
+    assert classifier.spec.in_channels == 3 and classifier.spec.flip_averaging
+    assert 0 < classifier.spec.operating_threshold < 1 and classifier.spec.temperature != 1.0
+    test = split[split["split"] == "test"]
+    scores = tumour_probability(classifier.predict_proba([read_slice(p, color=True) for p in test["path"]]), classifier.spec)
+    assert roc_auc_score(test["label"] == "tumor", scores) >= 0.9
