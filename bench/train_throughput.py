@@ -136,8 +136,9 @@ def main() -> None:
         config = config.model_copy(update={"image_size": args.size})
     torch.set_num_threads(config.threads)
     folder = Path(tempfile.mkdtemp(prefix="tumorscope-train-bench-"))
+    data = args.data.resolve() if args.data else None
     os.chdir(folder)  # the prepared-image cache and MLflow store live here
-    frame = frame_of(args.data, args.images, folder)
+    frame = frame_of(data, args.images, folder)
     classes = sorted(frame["label"].unique())
     images = prepared_images(frame, config.image_size, channels=config.in_channels)
     labels = frame["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()

@@ -252,7 +252,7 @@ def _trainer(config: TrainConfig, logger, checkpoints: Path):
 def _quiet_lightning() -> None:
     """Our own epoch lines replace Lightning's tips, banners and deprecation chatter."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|litlogger).*")
+    warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|litlogger|overridden `on_after_batch_transfer`).*")
 
 
 def _precision(config: TrainConfig) -> str:
