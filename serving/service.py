@@ -356,12 +356,14 @@ class TumorScope:
         }
 
     def _keep(self, prediction_id: str, pixels: np.ndarray) -> None:
-        """The slice as decoded pixels in a fresh 16-bit PNG (no metadata from the upload survives), named by
-        the random prediction ID: what a clinician's feedback turns into training data."""
+        """The slice as decoded pixels in a fresh PNG (no metadata from the upload survives), named by the random
+        prediction ID: what a clinician's feedback turns into training data. Gray slices keep 16 bits; colour
+        (one sequence per channel) is 8-bit RGB, PNG's only colour depth that every reader takes."""
         if self.image_store is None:
             return
         self.image_store.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((pixels * 65535).astype(np.uint16)).save(self.image_store / f"{prediction_id}.png")
+        stored = (pixels * 255).round().astype(np.uint8) if pixels.ndim == 3 else (pixels * 65535).astype(np.uint16)
+        Image.fromarray(stored).save(self.image_store / f"{prediction_id}.png")
 
     def _record(self, answer: dict, data: bytes, pixels: np.ndarray, subgroups: dict, started: float, ctx) -> None:
         """The audit and monitoring record: no file name, no header value, no identifier."""

@@ -184,7 +184,7 @@ def _toy_split(folder: Path, n: int = 96) -> pd.DataFrame:
             image[r - 5 : r + 5, c - 5 : c + 5, 1] = 250
         path = folder / f"{index}.png"
         Image.fromarray(image).save(path)
-        split = "test" if index % 6 == 5 else "val" if index % 6 == 4 else "train"
+        split = "test" if index % 5 == 4 else "val" if index % 5 == 3 else "train"  # both classes in each
         rows.append({"image_id": f"im{index}", "path": str(path), "label": "tumor" if tumour else "notumor", "split": split})
     return pd.DataFrame(rows)
 
