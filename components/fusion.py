@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-CLINICAL_COLUMNS = ("age", "sex")
+from components.classical import CLINICAL_COLUMNS
+
 MIN_ROWS = 30  # validation rows with a tumour and a tumour-free class both present
 
 

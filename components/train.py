@@ -176,8 +176,10 @@ def _data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
 
 
 def _class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
-    counts = labels.value_counts().reindex(classes).to_numpy(dtype=float)
-    return (counts.sum() / (len(classes) * counts)).astype(np.float32)
+    """scikit-learn's 'balanced' weights: rare classes count as much as common ones in the loss."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    return compute_class_weight("balanced", classes=np.asarray(classes), y=labels.to_numpy()).astype(np.float32)
 
 
 def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
@@ -230,15 +232,13 @@ def _trainer(config: TrainConfig, logger, checkpoints: Path):
 
     checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor="val_loss", mode="min", save_last=True)
     trainer = L.Trainer(
-        max_epochs=config.epochs,
-        max_time={"minutes": config.max_minutes} if config.max_minutes else None,
+        **_budget(config),
         min_epochs=max(1, config.epochs // 2),  # no early stop while the one-cycle LR is still high
         accelerator="auto",
         devices=config.devices,
         num_nodes=config.num_nodes,
         strategy="ddp" if config.world_size > 1 else "auto",
         use_distributed_sampler=False,  # the data module hands each rank its own partition
-        precision=_precision(config),
         logger=logger,
         callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience)],
         enable_progress_bar=sys.stdout.isatty(),
@@ -253,6 +253,12 @@ def _quiet_lightning() -> None:
     """Our own epoch lines replace Lightning's tips, banners and deprecation chatter."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|litlogger|overridden `on_after_batch_transfer`).*")
+
+
+def _budget(config: TrainConfig) -> dict:
+    """The Trainer settings every fit shares: epochs, the time cap and the numeric precision."""
+    time_cap = {"minutes": config.max_minutes} if config.max_minutes else None
+    return {"max_epochs": config.epochs, "max_time": time_cap, "precision": _precision(config)}
 
 
 def _precision(config: TrainConfig) -> str:
@@ -302,10 +308,9 @@ def _spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
     )
 
 
-def fit_classifier(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
-    """Fit on ``split``'s train rows, calibrate and threshold on its val rows, and return the classifier with the
-    last epoch's validation ROC-AUC (tumour vs none). Nothing is logged, checkpointed or saved: this is one fold
-    of a tuning trial or of a cross-validation (bench/quality.py)."""
+def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
+    """Fit on ``split``'s train rows; the classifier and the last epoch's validation ROC-AUC (tumour vs none).
+    Nothing is logged, checkpointed or saved."""
     import lightning as L
     import torch
 
@@ -316,19 +321,24 @@ def fit_classifier(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier
     spec = _spec(config, classes)
     module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
     trainer = L.Trainer(
-        max_epochs=config.epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, precision=_precision(config),
-        max_time={"minutes": config.max_minutes} if config.max_minutes else None,
+        **_budget(config), accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, datamodule=_data_module(split, config, classes))
-    classifier = Classifier(spec, module.net)
-    _fit_on_validation(classifier, split[split["split"] == "val"], config, classes)
-    return classifier, float(trainer.callback_metrics.get("val_auc", float("nan")))
+    return Classifier(spec, module.net), float(trainer.callback_metrics.get("val_auc", float("nan")))
+
+
+def fit_classifier(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
+    """``_fit``, then calibrated and thresholded on ``split``'s val rows: one fold of a cross-validation
+    (bench/quality.py), answering as a trained model does."""
+    classifier, auc = _fit(config, split)
+    _fit_on_validation(classifier, split[split["split"] == "val"], config, sorted(split["label"].unique()))
+    return classifier, auc
 
 
 def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
     """One tuning trial's score on one fold."""
-    return fit_classifier(config, split)[1]
+    return _fit(config, split)[1]
 
 
 def run(config: TrainConfig) -> dict:

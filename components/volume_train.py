@@ -283,11 +283,6 @@ def _trainer(config: VolumeTrainConfig, logger):
     )
 
 
-def _class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
-    counts = labels.value_counts().reindex(classes).to_numpy(dtype=float)
-    return (counts.sum() / (len(classes) * counts)).astype(np.float32)
-
-
 def predict_volumes(net, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Class probabilities, on the CPU in eval mode."""
     import torch
@@ -362,6 +357,8 @@ def _train(config: VolumeTrainConfig, volumes: pd.DataFrame, is_test: np.ndarray
         f"{(~is_test).sum()} train, {is_test.sum()} test, grouped by subject",
         flush=True,
     )
+    from components.train import _class_weights
+
     module = _lightning_module(spec, config, _class_weights(volumes.loc[~is_test, "label"], classes))
     with _start_mlflow_run(config, spec, volumes, is_test) as mlflow_run:
         run_id = mlflow_run.info.run_id
