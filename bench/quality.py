@@ -64,7 +64,20 @@ def roc_points(is_tumour: np.ndarray, score: np.ndarray, level: float) -> dict[s
     return {"sens_at_spec": float(tpr[1 - fpr >= level].max()), "spec_at_sens": float((1 - fpr)[tpr >= level].max())}
 
 
-def one_fold(config, manifest: pd.DataFrame, fold: np.ndarray, k: int, folds: int, level: float) -> dict[str, float]:
+def lesion_peaks(classifier, images: list[np.ndarray]) -> np.ndarray:
+    """Each slice's highest lesion-map logit (a model trained with train.mask_weight > 0)."""
+    import torch
+
+    peaks = []
+    with torch.inference_mode():
+        for start in range(0, len(images), 64):
+            batch = torch.from_numpy(classifier.batch(images[start : start + 64]))
+            peaks.append(classifier.net.classify(batch)[1].flatten(1).amax(1).float().numpy())
+    return np.concatenate(peaks)
+
+
+def one_fold(config, manifest: pd.DataFrame, fold: np.ndarray, k: int, folds: int, level: float) -> tuple[dict[str, float], pd.DataFrame]:
+    """The fold's figures and its test slices' P(tumour)."""
     from components.config import NO_TUMOUR
     from components.evaluate import metrics_for
     from components.imaging import read_slice
@@ -82,10 +95,15 @@ def one_fold(config, manifest: pd.DataFrame, fold: np.ndarray, k: int, folds: in
     probabilities = classifier.predict_proba(images)
     metrics = metrics_for(classifier.spec, test["label"], probabilities)
     is_tumour = (test["label"] != NO_TUMOUR).to_numpy()
-    metrics |= roc_points(is_tumour, tumour_probability(probabilities, classifier.spec), level)
+    scores = test[["image_id", "subject", "label"]].assign(fold=k, p_tumour=tumour_probability(probabilities, classifier.spec))
+    metrics |= roc_points(is_tumour, scores["p_tumour"].to_numpy(), level)
+    if classifier.spec.lesion_head:  # how far the lesion map's strongest cell alone ranks the slices
+        from sklearn.metrics import roc_auc_score
+
+        metrics["lesion_map_auc"] = float(roc_auc_score(is_tumour, lesion_peaks(classifier, images)))
     negatives = [image for image, tumour in zip(images, is_tumour) if not tumour][:100]
     metrics["smallest_lesion_mm"] = smallest_detected(lesion_curve(classifier, negatives)) if negatives else float("nan")
-    return {"fold": k, "train_minutes": minutes, "test_images": len(test), "subjects": test["subject"].nunique(), **metrics}
+    return {"fold": k, "train_minutes": minutes, "test_images": len(test), "subjects": test["subject"].nunique(), **metrics}, scores
 
 
 def main() -> None:
@@ -110,17 +128,31 @@ def main() -> None:
     print(
         f"{len(manifest)} images, {manifest['subject'].nunique()} subjects, {args.folds} grouped folds; train: {config.model_dump(include={'network', 'image_size', 'in_channels', 'channels', 'blocks', 'epochs', 'precision'})}"
     )
-    rows = []
+    rows, scores = [], []
     for k in range(args.max_folds or args.folds):
-        rows.append(one_fold(config, manifest, fold, k, args.folds, args.specificity))
+        figures, fold_scores = one_fold(config, manifest, fold, k, args.folds, args.specificity)
+        rows.append(figures)
+        scores.append(fold_scores)
         print(
             " ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}" for key, value in rows[-1].items()), flush=True
         )
     table = pd.DataFrame(rows)
-    columns = ["accuracy", "roc_auc", "sensitivity", "specificity", "sens_at_spec", "spec_at_sens", "smallest_lesion_mm", "train_minutes"]
+    columns = [
+        "accuracy",
+        "roc_auc",
+        "lesion_map_auc",
+        "sensitivity",
+        "specificity",
+        "sens_at_spec",
+        "spec_at_sens",
+        "smallest_lesion_mm",
+        "train_minutes",
+    ]
     summary = table[[c for c in columns if c in table]].agg(["mean", "std", "min", "max"]).T
     print(f"\nacross {len(table)} folds (sens_at_spec: best sensitivity at specificity >= {args.specificity}; spec_at_sens: the reverse)")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
+    pd.concat(scores).to_csv(workspace / "test_scores.csv", index=False)
+    print(f"per-slice test scores (pseudonymised ids): {workspace / 'test_scores.csv'}")
 
 
 if __name__ == "__main__":

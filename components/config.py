@@ -131,6 +131,7 @@ class TrainConfig(Section):
     patience: int = Field(4, ge=1)
     augment: bool = True
     mixup: float = Field(0.0, ge=0)  # Beta(α, α) of mixup; 0: off. Regularises a network that memorises its train set
+    mask_weight: float = Field(0.0, ge=0)  # > 0: a ResNet that also maps the lesion, its loss weighted so (needs masks)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     max_minutes: float | None = Field(None, gt=0)  # a hard cap on training time (Lightning's max_time)
     flip_averaging: bool = False  # predictions average the slice and its left-right mirror (test-time augmentation)
@@ -158,7 +159,13 @@ class TrainConfig(Section):
     def _stages_match(self) -> TrainConfig:
         if len(self.channels) != 4 or len(self.blocks) != 4:
             raise ValueError(f"channels and blocks need one entry per ResNet stage (4), got {len(self.channels)} and {len(self.blocks)}")
+        if self.mask_weight > 0 and self.network != "resnet":
+            raise ValueError(f"mask_weight (a lesion map head) needs network 'resnet', not '{self.network}'")
         return self
+
+    @property
+    def uses_masks(self) -> bool:
+        return self.mask_weight > 0
 
 
 class VolumeTrainConfig(Section):

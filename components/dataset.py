@@ -39,10 +39,34 @@ def prepared_images(frame: pd.DataFrame, image_size: int, cache_dir: Path = CACH
     return array
 
 
-def augment_batch(images):
+def prepared_masks(frame: pd.DataFrame, image_size: int, cache_dir: Path = CACHE_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 1, S, S) float16 lesion area per pixel at the model's input size (the images are only resized, so the
+    mask stays aligned), and whether each row has a mask at all; from cache when possible."""
+    paths = frame["mask_path"].fillna("").astype(str) if "mask_path" in frame else pd.Series([""] * len(frame))
+    has_mask = (paths != "").to_numpy()
+    keyed = frame.assign(path=np.where(has_mask, paths, "no-mask"))
+    cache = cache_dir / f"masks-{_cache_key(keyed, image_size, 1)}.npy"
+    if not cache.exists():
+        masks = np.zeros((len(frame), 1, image_size, image_size), np.float16)
+        for row, (path, image_id) in enumerate(zip(paths, frame["image_id"])):
+            if path:
+                masks[row, 0] = _mask_area(read_slice(path, name=f"{image_id} (mask)"), image_size)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, masks)
+    return np.load(cache), has_mask
+
+
+def _mask_area(mask: np.ndarray, size: int) -> np.ndarray:
+    from skimage.transform import resize
+
+    return resize((mask > 0.5).astype(np.float32), (size, size), order=1, anti_aliasing=True)
+
+
+def augment_batch(images, masks=None):
     """Random pose, flip, contrast and noise for a whole (N, C, S, S) batch in a few tensor ops, the same
     distribution MONAI's per-sample RandAffine/RandFlip/RandAdjustContrast/RandGaussianNoise gave: on 2 cores
-    those per-sample transforms took longer than the network's own step."""
+    those per-sample transforms took longer than the network's own step. ``masks`` (N, 1, S, S) take the same
+    pose and flip; given them, the result is (images, masks)."""
     import torch
     import torch.nn.functional as F
 
@@ -60,14 +84,19 @@ def augment_batch(images):
     gamma = torch.where(torch.rand(n, device=device) < 0.3, torch.exp(uniform(n) * 0.223), 1.0)  # γ in (0.8, 1.25)
     out = out ** gamma.view(n, 1, 1, 1).to(out.dtype)
     noisy = (torch.rand(n, device=device) < 0.3).view(n, 1, 1, 1)
-    return out + noisy * torch.randn_like(out) * 0.02
+    out = out + noisy * torch.randn_like(out) * 0.02
+    if masks is None:
+        return out
+    mask_grid = F.affine_grid(theta.to(masks.dtype), list(masks.shape), align_corners=False)
+    return out, F.grid_sample(masks, mask_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class SliceDataset:
-    """Index → (image tensor, label); augmentation happens per batch (``augment_batch``)."""
+    """Index → (image tensor, label), or (image, label, mask, has mask) given masks; augmentation happens per
+    batch (``augment_batch``)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
+    def __init__(self, images: np.ndarray, labels: np.ndarray, masks: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        self.images, self.labels, self.masks = images, labels, masks
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,4 +104,8 @@ class SliceDataset:
     def __getitem__(self, index: int):
         import torch
 
-        return torch.from_numpy(self.images[index]), int(self.labels[index])
+        item = (torch.from_numpy(self.images[index]), int(self.labels[index]))
+        if self.masks is None:
+            return item
+        masks, has_mask = self.masks
+        return *item, torch.from_numpy(masks[index].astype(np.float32)), bool(has_mask[index])

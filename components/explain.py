@@ -229,6 +229,23 @@ def gradcam(classifier: Classifier, image: np.ndarray, class_index: int | None =
     return (heatmap / peak if peak > 0 else np.zeros_like(heatmap)).astype(np.float32)
 
 
+def lesion_map(classifier: Classifier, image: np.ndarray) -> np.ndarray:
+    """The lesion probability (S, S) float32 in [0, 1] that a model with a lesion head (``spec.lesion_head``,
+    trained on masks) draws for one raw slice, at the model input's resolution. Unlike Grad-CAM and occlusion it
+    is not derived from the decision after the fact: the network was taught where lesions are, and its strongest
+    responses feed the decision. Not rescaled: a map near 0 everywhere says no lesion was found."""
+    import torch
+
+    if not classifier.spec.lesion_head:
+        raise ValueError("this model has no lesion head (train it with train.mask_weight > 0)")
+    batch = torch.from_numpy(_prepared(classifier, image))
+    with torch.inference_mode():
+        cells = torch.sigmoid(classifier.net.classify(batch.contiguous(memory_format=torch.channels_last))[1][0, 0].float())
+    size = batch.shape[-1]
+    upsample = _cell_upsampler(_stage(classifier.spec, "layer1"))((size, size))  # the map has layer1's grid
+    return np.clip(upsample(cells.double()).numpy(), 0.0, 1.0).astype(np.float32)
+
+
 def _window_starts(size: int, patch: int, stride: int) -> list[int]:
     starts = list(range(0, size - patch + 1, stride))
     if starts[-1] != size - patch:

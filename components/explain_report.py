@@ -1,7 +1,8 @@
 """What the evaluation shows of the model's reasoning: heatmaps on test tumours with masks, training curves and
 an embedding map, as PNGs in ``reports/explanations/`` (and in the MLflow run).
 
-Where the test split has lesion masks, Grad-CAM and occlusion heatmaps are scored against them: the share of
+Where the test split has lesion masks, Grad-CAM and occlusion heatmaps (and the lesion map of a model trained on
+masks) are scored against them: the share of
 heatmap mass inside the lesion (chance level = the lesion's share of the image) and the pointing game (the
 hottest pixel inside the lesion, within half a Grad-CAM cell). A model that is right for the wrong reasons
 shows here first.
@@ -22,17 +23,18 @@ from components.model import Classifier
 def heatmap_agreement(classifier: Classifier, tumours: pd.DataFrame, folder: Path, examples: int = 4) -> dict[str, float]:
     """Mean mass inside the lesion and pointing-game hit rate of both heatmaps on ``tumours`` (rows with a
     ``mask_path``); saves the first ``examples`` overlays."""
-    from components.explain import MIN_CAM_WIDTH, gradcam, mass_inside, occlusion, overlay_png, pointing_game
+    from components.explain import MIN_CAM_WIDTH, gradcam, lesion_map, mass_inside, occlusion, overlay_png, pointing_game
     from components.features import read_mask
 
     size = classifier.spec.image_size
-    scores: dict[str, list[float]] = {"gradcam_mass": [], "occlusion_mass": [], "gradcam_hit": [], "occlusion_hit": [], "chance": []}
+    methods = {"gradcam": gradcam, "occlusion": occlusion} | ({"lesion_map": lesion_map} if classifier.spec.lesion_head else {})
+    scores: dict[str, list[float]] = {f"{method}_{score}": [] for method in methods for score in ("mass", "hit")} | {"chance": []}
     for index, row in enumerate(tumours.itertuples()):
         image = read_slice(row.path, name=row.image_id, color=True)
         mask = read_mask(Path(row.mask_path), size, row.image_id) > 0
         if not mask.any():
             continue
-        maps = {"gradcam": gradcam(classifier, image), "occlusion": occlusion(classifier, image)}
+        maps = {method: explain(classifier, image) for method, explain in methods.items()}
         for method, heatmap in maps.items():
             scores[f"{method}_mass"].append(mass_inside(heatmap, mask))
             tolerance = size / MIN_CAM_WIDTH / 2 if method == "gradcam" else 0.0

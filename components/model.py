@@ -38,6 +38,7 @@ class ModelSpec(BaseModel):
     temperature: float = 1.0  # softmax temperature fitted on validation: calibrated confidences
     operating_threshold: float = 0.5  # P(tumour) at or above which the answer is a tumour class
     flip_averaging: bool = False  # logits averaged over the slice and its left-right mirror
+    lesion_head: bool = False  # a ResNet that also maps the lesion, trained on masks (components/lesion_net.py)
 
     @property
     def tumour_free_index(self) -> int:
@@ -46,6 +47,15 @@ class ModelSpec(BaseModel):
 
 def build_network(spec: ModelSpec):
     """A MONAI 2D classifier trained from scratch (no pretrained weights can be downloaded here)."""
+    if spec.lesion_head:
+        from components.lesion_net import LesionResNet
+
+        return LesionResNet(
+            spatial_dims=2,
+            n_input_channels=spec.in_channels,
+            num_classes=len(spec.classes),
+            **_resnet_args(spec.channels, spec.blocks, spec.norm),
+        )
     return monai_classifier(spec.network, 2, spec.in_channels, len(spec.classes), spec.channels, spec.blocks, spec.norm)
 
 
@@ -58,10 +68,11 @@ def monai_classifier(
 
     if network == "densenet121":
         return DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=classes)
-    return ResNet(
-        block="basic", layers=blocks, block_inplanes=channels, spatial_dims=spatial_dims, n_input_channels=in_channels,
-        num_classes=classes, conv1_t_size=5, conv1_t_stride=2, norm=NORMS[norm],
-    )  # fmt: skip
+    return ResNet(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=classes, **_resnet_args(channels, blocks, norm))
+
+
+def _resnet_args(channels: list[int], blocks: list[int], norm: str) -> dict:
+    return {"block": "basic", "layers": blocks, "block_inplanes": channels, "conv1_t_size": 5, "conv1_t_stride": 2, "norm": NORMS[norm]}
 
 
 def tumour_probability(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:

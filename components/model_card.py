@@ -52,8 +52,16 @@ def build_card(model_name: str, version: str, run) -> dict:
             if name in metrics
         },
         "subgroups": _subgroups(run.info.run_id),
-        "explanations": "POST /explain returns a Grad-CAM heatmap per answer; read it as evidence, not as a lesion outline.",
+        "explanations": _explanations(float(params.get("mask_weight") or 0) > 0),
     }
+
+
+def _explanations(has_lesion_map: bool) -> str:
+    lesion_map = "; method=lesion-map: the quarter-resolution lesion map this model learnt from masks" if has_lesion_map else ""
+    return (
+        f"POST /explain returns an occlusion heatmap per answer (method=grad-cam: Grad-CAM{lesion_map}); "
+        "read it as evidence, not as a lesion outline."
+    )
 
 
 def _subgroups(run_id: str) -> list[dict]:

@@ -60,24 +60,36 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
             if self.trainer.training and config.augment:
                 from components.dataset import augment_batch
 
+                if spec.lesion_head:
+                    images, masks = augment_batch(batch[0], batch[2])
+                    return images, batch[1], masks, batch[3]
                 return augment_batch(batch[0]), batch[1]
             return batch
 
         def training_step(self, batch, _):
-            x, y = batch
+            x, y = batch[:2]
+            weight, partner = 1.0, torch.arange(len(y), device=y.device)
             if config.mixup > 0:  # mixup (Zhang et al. 2018): blends of two slices, the loss blended alike
                 weight = float(np.random.beta(config.mixup, config.mixup))
                 partner = torch.randperm(len(y), device=y.device)
-                logits = self(weight * x + (1 - weight) * x[partner])
-                loss = weight * self.loss(logits, y) + (1 - weight) * self.loss(logits, y[partner])
+                x = weight * x + (1 - weight) * x[partner]
+            if spec.lesion_head:
+                from components.lesion_net import lesion_loss
+
+                logits, lesion_map = self.net.classify(x.contiguous(memory_format=torch.channels_last))
+                masks, has_mask = batch[2], batch[3]
+                blended = weight * masks + (1 - weight) * masks[partner]
+                mask_loss = lesion_loss(lesion_map, blended, has_mask & has_mask[partner])
+                self.log("train_mask_loss", mask_loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
             else:
-                loss = self.loss(self(x), y)
+                logits, mask_loss = self(x), 0.0
+            loss = weight * self.loss(logits, y) + (1 - weight) * self.loss(logits, y[partner]) + config.mask_weight * mask_loss
             self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
             self._train_losses.append(float(loss.detach()))
             return loss
 
         def validation_step(self, batch, _):
-            x, y = batch
+            x, y = batch[:2]
             logits = self(x)
             self.log("val_loss", self.loss(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
             self._val_outputs.append((torch.softmax(logits.float(), 1).detach(), y))  # bf16 has no numpy type
@@ -140,10 +152,12 @@ def rank_partition(rows: pd.DataFrame, rank: int, world_size: int, shuffle: bool
 def _loader(rows: pd.DataFrame, config: TrainConfig, classes: list[str], train: bool):
     from torch.utils.data import DataLoader
 
-    from components.dataset import SliceDataset, prepared_images
+    from components.dataset import SliceDataset, prepared_images, prepared_masks
 
     index = {label: i for i, label in enumerate(classes)}
-    dataset = SliceDataset(prepared_images(rows, config.image_size, channels=config.in_channels), rows["label"].map(index).to_numpy())
+    images = prepared_images(rows, config.image_size, channels=config.in_channels)
+    masks = prepared_masks(rows, config.image_size) if config.uses_masks and train else None
+    dataset = SliceDataset(images, rows["label"].map(index).to_numpy(), masks)
     return DataLoader(
         dataset, batch_size=config.batch_size, shuffle=train, num_workers=0, drop_last=train and len(dataset) > config.batch_size
     )
@@ -180,6 +194,16 @@ def _class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
     from sklearn.utils.class_weight import compute_class_weight
 
     return compute_class_weight("balanced", classes=np.asarray(classes), y=labels.to_numpy()).astype(np.float32)
+
+
+def where_masks_exist(config: TrainConfig, split: pd.DataFrame) -> TrainConfig:
+    """``config`` with the lesion map switched off when no train slice has a mask (Masoud's slices have none):
+    a data set without masks trains as usual rather than failing on a setting meant for those with them."""
+    train = split[split["split"] == "train"]
+    if not config.uses_masks or ("mask_path" in train and train["mask_path"].notna().any()):
+        return config
+    print("train.mask_weight: no train slice has a lesion mask, so the network is trained without a lesion map", flush=True)
+    return config.model_copy(update={"mask_weight": 0.0})
 
 
 def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
@@ -305,6 +329,7 @@ def _spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
         norm=config.norm,
         in_channels=config.in_channels,
         flip_averaging=config.flip_averaging,
+        lesion_head=config.uses_masks,
     )
 
 
@@ -317,6 +342,7 @@ def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
     _quiet_lightning()
     torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
+    config = where_masks_exist(config, split)
     classes = sorted(split["label"].unique())
     spec = _spec(config, classes)
     module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
@@ -352,6 +378,7 @@ def run(config: TrainConfig) -> dict:
     torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     split = pd.read_csv(config.split)
+    config = where_masks_exist(config, split)
     classes = sorted(split["label"].unique())
     spec = _spec(config, classes)
     data = _data_module(split, config, classes)

@@ -241,17 +241,21 @@ class TumorScope:
         model's input size, values in [0, 1], and a PNG of it over the slice (base64). ``method``: ``occlusion``
         (the drop in P(tumour) when a patch is hidden; about a second) or ``grad-cam`` (fast, one value per
         feature-map cell). Occlusion is the default because it is the faithful one here: on the default model,
-        Grad-CAM put 0.1 % of its mass inside test lesions where occlusion put 14 % (reports/explanations)."""
-        from components.explain import gradcam, occlusion, overlay_png
+        Grad-CAM put 0.1 % of its mass inside test lesions where occlusion put 14 % (reports/explanations).
+        ``lesion-map``: where a model trained on lesion masks (``train.mask_weight``) sees a lesion."""
+        from components.explain import gradcam, lesion_map, occlusion, overlay_png
 
-        if method not in ("grad-cam", "occlusion"):
-            raise refuse(HTTPStatus.UNPROCESSABLE_ENTITY, "method must be 'grad-cam' or 'occlusion'")
+        methods = {"grad-cam": gradcam, "occlusion": occlusion, "lesion-map": lesion_map}
+        if method not in methods:
+            raise refuse(HTTPStatus.UNPROCESSABLE_ENTITY, "method must be 'grad-cam', 'occlusion' or 'lesion-map'")
+        if method == "lesion-map" and not self.served.classifier.spec.lesion_head:
+            raise refuse(HTTPStatus.UNPROCESSABLE_ENTITY, "this model has no lesion map (it was trained without masks): use 'occlusion'")
         started = time.perf_counter()
         scan, data = read_input(image)
         answer, pixels = self._classify(scan)
         served = self.served
         with self.lock:
-            heatmap = (gradcam if method == "grad-cam" else occlusion)(served.classifier, pixels)
+            heatmap = methods[method](served.classifier, pixels)
         self._keep(answer["prediction_id"], pixels)
         self._record(answer, data, pixels, {}, started, ctx)
         return {

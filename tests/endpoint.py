@@ -47,7 +47,8 @@ def free_port() -> int:
 
 
 def train_tiny_model(cohort: Path, bento_home: Path) -> None:
-    """A 48 px ResNet fitted for a few epochs on the cohort's slices, saved to the BentoML store with a card."""
+    """A 48 px ResNet with a lesion head (untrained: the map is only served) fitted for a few epochs on the cohort's
+    slices, saved to the BentoML store with a card."""
     import bentoml
     import torch
 
@@ -58,7 +59,13 @@ def train_tiny_model(cohort: Path, bento_home: Path) -> None:
     torch.manual_seed(0)
     paths = sorted(p for p in cohort.glob("*/*.png") if p.parent.name in ("tumor", "notumor"))
     spec = ModelSpec(
-        network="resnet", image_size=48, channels=[8, 16, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"], norm="group"
+        network="resnet",
+        image_size=48,
+        channels=[8, 16, 16, 16],
+        blocks=[1, 1, 1, 1],
+        classes=["notumor", "tumor"],
+        norm="group",
+        lesion_head=True,
     )
     classifier = Classifier(spec, build_network(spec))
     images = classifier.batch([read_slice(p) for p in paths])

@@ -36,3 +36,49 @@ def test_prepared_images_are_cached_per_input_size_and_channels(tmp_path, channe
     assert first.shape == (3, channels, 24, 24)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
     np.testing.assert_array_equal(first, prepared_images(frame, 24, tmp_path / "cache", channels=channels))
+
+
+def test_masks_take_the_same_pose_and_flip_as_their_images():
+    import torch
+
+    from components.dataset import augment_batch
+
+    torch.manual_seed(1)
+    masks = torch.zeros(16, 1, 32, 32)
+    for i in range(16):
+        masks[i, :, 4 + i : 12 + i, 6:14] = 1.0  # a lesion in a different place per slice
+    images, moved_masks = augment_batch(masks.repeat(1, 3, 1, 1) * 0.8, masks)
+    assert moved_masks.shape == masks.shape
+    assert not torch.allclose(moved_masks, masks), "the masks were posed too"
+    for i in range(16):  # the lesion's pixels in the image are where the mask says, whatever the pose
+        inside = moved_masks[i, 0] > 0.5
+        assert images[i, 1][inside].mean() > 3 * images[i, 1][~inside].mean()
+
+
+def test_prepared_masks_are_aligned_area_maps_and_say_which_rows_have_one(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from components.dataset import prepared_masks
+
+    mask = np.zeros((40, 40), np.uint8)
+    mask[:20, :10] = 255  # top-left eighth of the slice
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    frame = pd.DataFrame({"image_id": ["a", "b"], "path": ["x", "y"], "mask_path": [str(tmp_path / "m.png"), None]})
+    masks, has_mask = prepared_masks(frame, 20, tmp_path / "cache")
+    assert masks.shape == (2, 1, 20, 20) and has_mask.tolist() == [True, False]
+    assert masks[0, 0, :8, :3].min() > 0.99 and masks[0, 0, 12:, 7:].max() == 0
+    assert abs(float(masks[0].mean()) - 1 / 8) < 0.02 and masks[1].max() == 0
+    np.testing.assert_array_equal(masks, prepared_masks(frame, 20, tmp_path / "cache")[0])
+
+
+def test_a_missing_mask_file_is_named_by_its_slices_pseudonym(tmp_path):
+    import pandas as pd
+
+    from components.dataset import prepared_masks
+    from components.errors import DataError
+
+    frame = pd.DataFrame({"image_id": ["slice-7"], "path": ["x"], "mask_path": [str(tmp_path / "patient-name_mask.tif")]})
+    with pytest.raises(DataError) as error:
+        prepared_masks(frame, 20, tmp_path / "cache")
+    assert "slice-7 (mask)" in str(error.value) and "patient-name" not in str(error.value)

@@ -489,3 +489,20 @@ def test_heatmaps_find_the_blob_that_decides_the_class(method, blob_task):
     assert inside > 3 * area
     assert hits > 0.7
     assert inside > 1.5 * control
+
+
+def test_lesion_map_puts_each_cell_on_its_pixels_and_needs_a_lesion_head(resnet, monkeypatch):
+    import torch
+
+    classifier = small_classifier("resnet", 64, lesion_head=True)
+    before = snapshot(classifier.net)
+    heatmap = explain.lesion_map(classifier, raw_slices(1)[0])
+    assert heatmap.shape == (64, 64) and heatmap.dtype == np.float32 and 0 <= heatmap.min() <= heatmap.max() <= 1
+    assert snapshot(classifier.net) == before
+
+    cells = torch.full((1, 1, 16, 16), -20.0)
+    cells[0, 0, 5, 9] = 20.0  # one lesion cell: layer1's grid, cell i centred on pixel 4 i
+    monkeypatch.setattr(classifier.net, "classify", lambda x: (torch.zeros(len(x), 4), cells))
+    assert np.unravel_index(explain.lesion_map(classifier, raw_slices(1)[0]).argmax(), (64, 64)) == (20, 36)
+    with pytest.raises(ValueError, match="no lesion head"):
+        explain.lesion_map(resnet, raw_slices(1)[0])

@@ -197,6 +197,8 @@ def test_explain_returns_the_heatmap_and_an_overlay_png(endpoint: Endpoint, scan
     assert answer["method"] == "occlusion", "the faithful method is the default"
     gradcam = post(endpoint, scans["png"], route="/explain", method="grad-cam").json()
     assert gradcam["method"] == "grad-cam" and np.asarray(gradcam["heatmap"]).shape == (48, 48)
+    lesion = post(endpoint, scans["png"], route="/explain", method="lesion-map").json()
+    assert lesion["method"] == "lesion-map" and np.asarray(lesion["heatmap"]).shape == (48, 48)
     assert post(endpoint, scans["png"], route="/explain", method="shap").status_code == 422
 
 

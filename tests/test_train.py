@@ -170,22 +170,26 @@ def test_applying_tuned_values_keeps_the_params_files_comments(tmp_path):
     assert sum(comment.split("#", 1)[1].strip() in kept for comment in comments) >= len(comments) - 2
 
 
-def _toy_split(folder: Path, n: int = 96) -> pd.DataFrame:
-    """Colour slices; a tumour is a bright blob in the second sequence only (a FLAIR-like lesion)."""
+def _toy_split(folder: Path, n: int = 96, masks: bool = False) -> pd.DataFrame:
+    """Colour slices; a tumour is a bright blob in the second sequence only (a FLAIR-like lesion), with its mask."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     rows = []
     for index in range(n):
         image = (rng.random((48, 48, 3)) * 60).astype(np.uint8) + 40
+        mask = np.zeros((48, 48), np.uint8)
         tumour = index % 2 == 0
         if tumour:
             r, c = rng.integers(10, 38, 2)
             image[r - 5 : r + 5, c - 5 : c + 5, 1] = 250
+            mask[r - 5 : r + 5, c - 5 : c + 5] = 255
         path = folder / f"{index}.png"
         Image.fromarray(image).save(path)
+        Image.fromarray(mask).save(folder / f"{index}_mask.png")
         split = "test" if index % 5 == 4 else "val" if index % 5 == 3 else "train"  # both classes in each
-        rows.append({"image_id": f"im{index}", "path": str(path), "label": "tumor" if tumour else "notumor", "split": split})
+        row = {"image_id": f"im{index}", "path": str(path), "label": "tumor" if tumour else "notumor", "split": split}
+        rows.append(row | ({"mask_path": str(folder / f"{index}_mask.png")} if masks else {}))
     return pd.DataFrame(rows)
 
 
@@ -208,3 +212,45 @@ def test_fit_classifier_with_mixup_bf16_and_flip_averaging_learns_a_lesion_in_on
     test = split[split["split"] == "test"]
     scores = tumour_probability(classifier.predict_proba([read_slice(p, color=True) for p in test["path"]]), classifier.spec)
     assert roc_auc_score(test["label"] == "tumor", scores) >= 0.9
+
+
+def test_a_lesion_map_learnt_from_masks_finds_the_lesion(tmp_path, monkeypatch):
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from components.dataset import prepared_images, prepared_masks
+    from components.model import tumour_probability
+    from components.train import fit_classifier
+
+    monkeypatch.chdir(tmp_path)
+    split = _toy_split(tmp_path, masks=True)
+    config = TrainConfig(
+        image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=20, batch_size=8, mixup=0.2, mask_weight=1.0, threads=1
+    )  # fmt: skip
+    classifier, _ = fit_classifier(config, split[split["split"] != "test"])
+    assert classifier.spec.lesion_head
+    test = split[(split["split"] == "test") & (split["label"] == "tumor")]
+    images = prepared_images(split[split["split"] == "test"], 32, channels=3)
+    scores = tumour_probability(classifier.predict_prepared(images)[0], classifier.spec)
+    assert roc_auc_score(split.loc[split["split"] == "test", "label"] == "tumor", scores) >= 0.9
+    with torch.no_grad():
+        lesion_map = classifier.net.classify(torch.from_numpy(prepared_images(test, 32, channels=3)))[1][:, 0]
+    masks = torch.nn.functional.interpolate(torch.from_numpy(prepared_masks(test, 32)[0]).float(), size=lesion_map.shape[-2:], mode="area")[
+        :, 0
+    ]
+    probability = torch.sigmoid(lesion_map)
+    contrast = [float(p[mask > 0.25].mean() / p[mask == 0].mean()) for p, mask in zip(probability, masks)]
+    assert np.median(contrast) >= 2, f"the map is brighter on the lesion than off it: {np.round(contrast, 2)}"
+
+
+def test_a_data_set_without_masks_trains_without_the_lesion_map(tmp_path, monkeypatch, capsys):
+    from components.train import where_masks_exist
+
+    split = _toy_split(tmp_path, n=20)
+    config = TrainConfig(mask_weight=1.0)
+    assert where_masks_exist(config, split).mask_weight == 0.0
+    assert "no train slice has a lesion mask" in capsys.readouterr().out
+    with_masks = _toy_split(tmp_path, n=20, masks=True)
+    assert where_masks_exist(config, with_masks) is config
+    with pytest.raises(ValueError, match="needs network 'resnet'"):
+        TrainConfig(network="densenet121", mask_weight=1.0)
