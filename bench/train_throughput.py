@@ -85,7 +85,7 @@ def lightning_stage(config, frame: pd.DataFrame, classes: list[str], epochs: int
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from components.train import _class_weights, _data_module, _lightning_module, _precision, _quiet_lightning, _spec
+    from components.train import _data_module, _lightning_module, _precision, _quiet_lightning, _spec, class_weights
 
     _quiet_lightning()
     L.seed_everything(0, verbose=False)
@@ -109,7 +109,7 @@ def lightning_stage(config, frame: pd.DataFrame, classes: list[str], epochs: int
     mlflow.set_tracking_uri(tracking)
     with mlflow.start_run() as run:
         logger = MLFlowLogger(tracking_uri=tracking, run_id=run.info.run_id)
-        module = _lightning_module(_spec(config, classes), config, _class_weights(frame["label"], classes))
+        module = _lightning_module(_spec(config, classes), config, class_weights(frame["label"], classes))
         trainer = L.Trainer(max_epochs=epochs, logger=logger, precision=_precision(config), enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[Throughput()], limit_val_batches=1, num_sanity_val_steps=0,
                             log_every_n_steps=50)  # fmt: skip

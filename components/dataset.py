@@ -62,6 +62,21 @@ def _mask_area(mask: np.ndarray, size: int) -> np.ndarray:
     return resize((mask > 0.5).astype(np.float32), (size, size), order=1, anti_aliasing=True)
 
 
+def drop_sequences(images, probability: float):
+    """With ``probability`` per slice, each channel is replaced (with chance 1/2) by a copy of one randomly chosen
+    channel: how multi-sequence sets fill a missing sequence (LGG copies FLAIR into a missing T1 or T1c). A network
+    that never saw such slices missed every tumour of the LGG patients whose sequences were all FLAIR."""
+    import torch
+
+    n, channels = images.shape[:2]
+    if channels == 1 or probability <= 0:
+        return images
+    device = images.device
+    source = images[torch.arange(n, device=device), torch.randint(channels, (n,), device=device)]
+    replaced = (torch.rand(n, 1, device=device) < probability) & (torch.rand(n, channels, device=device) < 0.5)
+    return torch.where(replaced[:, :, None, None], source[:, None], images)
+
+
 def augment_batch(images, masks=None):
     """Random pose, flip, contrast and noise for a whole (N, C, S, S) batch in a few tensor ops, the same
     distribution MONAI's per-sample RandAffine/RandFlip/RandAdjustContrast/RandGaussianNoise gave: on 2 cores

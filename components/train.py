@@ -36,7 +36,7 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.ndarray):
+def _lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray):
     import lightning as L
     import torch
     from sklearn.metrics import roc_auc_score
@@ -47,9 +47,7 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
         def __init__(self) -> None:
             super().__init__()
             self.net = build_network(spec).to(memory_format=torch.channels_last)
-            self.loss = torch.nn.CrossEntropyLoss(
-                weight=torch.tensor(class_weights, dtype=torch.float32), label_smoothing=config.label_smoothing
-            )
+            self.loss = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32), label_smoothing=config.label_smoothing)
             self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
             self._train_losses: list[float] = []
 
@@ -58,12 +56,13 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, class_weights: np.nd
 
         def on_after_batch_transfer(self, batch, _):
             if self.trainer.training and config.augment:
-                from components.dataset import augment_batch
+                from components.dataset import augment_batch, drop_sequences
 
+                images = drop_sequences(batch[0], config.sequence_dropout)
                 if spec.lesion_head:
-                    images, masks = augment_batch(batch[0], batch[2])
+                    images, masks = augment_batch(images, batch[2])
                     return images, batch[1], masks, batch[3]
-                return augment_batch(batch[0]), batch[1]
+                return augment_batch(images), batch[1]
             return batch
 
         def training_step(self, batch, _):
@@ -189,7 +188,7 @@ def _data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
     return SliceData()
 
 
-def _class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
+def class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
     """scikit-learn's 'balanced' weights: rare classes count as much as common ones in the loss."""
     from sklearn.utils.class_weight import compute_class_weight
 
@@ -345,7 +344,7 @@ def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
     config = where_masks_exist(config, split)
     classes = sorted(split["label"].unique())
     spec = _spec(config, classes)
-    module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
+    module = _lightning_module(spec, config, class_weights(split.loc[split["split"] == "train", "label"], classes))
     trainer = L.Trainer(
         **_budget(config), accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
@@ -382,7 +381,7 @@ def run(config: TrainConfig) -> dict:
     classes = sorted(split["label"].unique())
     spec = _spec(config, classes)
     data = _data_module(split, config, classes)
-    module = _lightning_module(spec, config, _class_weights(split.loc[split["split"] == "train", "label"], classes))
+    module = _lightning_module(spec, config, class_weights(split.loc[split["split"] == "train", "label"], classes))
     if config.init_weights is not None:
         print(load_initial_weights(module.net, config.init_weights), flush=True)
     data_hash = file_hash(config.split)

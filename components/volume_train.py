@@ -206,7 +206,7 @@ def augment_volumes(batch):
 # ---------------------------------------------------------------- training
 
 
-def _lightning_module(spec: VolumeModelSpec, config: VolumeTrainConfig, class_weights: np.ndarray):
+def _lightning_module(spec: VolumeModelSpec, config: VolumeTrainConfig, weights: np.ndarray):
     import lightning as L
     import torch
 
@@ -216,7 +216,7 @@ def _lightning_module(spec: VolumeModelSpec, config: VolumeTrainConfig, class_we
         def __init__(self) -> None:
             super().__init__()
             self.net = build_volume_network(spec)
-            self.loss = torch.nn.CrossEntropyLoss(weight=torch.tensor(class_weights, dtype=torch.float32))
+            self.loss = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32))
             self._epoch: list[tuple[float, float, int]] = []
 
         def forward(self, x):
@@ -357,9 +357,9 @@ def _train(config: VolumeTrainConfig, volumes: pd.DataFrame, is_test: np.ndarray
         f"{(~is_test).sum()} train, {is_test.sum()} test, grouped by subject",
         flush=True,
     )
-    from components.train import _class_weights
+    from components.train import class_weights
 
-    module = _lightning_module(spec, config, _class_weights(volumes.loc[~is_test, "label"], classes))
+    module = _lightning_module(spec, config, class_weights(volumes.loc[~is_test, "label"], classes))
     with _start_mlflow_run(config, spec, volumes, is_test) as mlflow_run:
         run_id = mlflow_run.info.run_id
         trainer = _trainer(config, MLFlowLogger(tracking_uri=get_settings().tracking_uri, run_id=run_id))

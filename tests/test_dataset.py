@@ -82,3 +82,25 @@ def test_a_missing_mask_file_is_named_by_its_slices_pseudonym(tmp_path):
     with pytest.raises(DataError) as error:
         prepared_masks(frame, 20, tmp_path / "cache")
     assert "slice-7 (mask)" in str(error.value) and "patient-name" not in str(error.value)
+
+
+def test_dropped_sequences_are_copies_of_one_sequence_of_the_same_slice():
+    import torch
+
+    from components.dataset import drop_sequences
+
+    torch.manual_seed(0)
+    images = torch.rand(200, 3, 8, 8)
+    gray = images[:, :1]
+    assert drop_sequences(images, 0.0) is images and drop_sequences(gray, 1.0) is gray
+    out = drop_sequences(images, 1.0)
+    changed = 0
+    for original, new in zip(images, out):
+        copied = [k for k in range(3) if not torch.equal(new[k], original[k])]
+        if copied:
+            source = new[copied[0]]
+            assert all(torch.equal(new[k], source) for k in copied), "one source per slice"
+            assert any(torch.equal(source, original[c]) for c in range(3)), "the source is one of the slice's own sequences"
+        changed += bool(copied)
+    assert 100 < changed < 200, "each channel is replaced with chance 1/2 (a copy of itself is no change)"
+    assert (drop_sequences(images, 0.3) != images).flatten(1).any(1).float().mean() < 0.3
