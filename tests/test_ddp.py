@@ -49,10 +49,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _cached_row_counts(root: Path) -> list[int]:
+def _cached_row_counts(root: Path, masks: bool = False) -> list[int]:
+    """Rows of each prepared-image cache (or, with ``masks``, of each lesion-mask cache)."""
     import numpy as np
 
-    return sorted(len(np.load(path, mmap_mode="r")) for path in (root / "data" / "cache").glob("*.npy"))
+    paths = [p for p in (root / "data" / "cache").glob("*.npy") if p.name.startswith("masks-") == masks]
+    return sorted(len(np.load(path, mmap_mode="r")) for path in paths)
 
 
 def test_two_nodes_under_torchrun_train_one_model_like_one_process(tmp_path: Path):
@@ -86,6 +88,7 @@ def test_two_nodes_under_torchrun_train_one_model_like_one_process(tmp_path: Pat
     half = lambda n: -(-n // 2)  # noqa: E731
     # rank 0 and rank 1 each prepared their half of train and of val; rank 0 also the whole val set (embedding PCA)
     assert _cached_row_counts(root) == sorted([half(n_train), half(n_train), half(n_val), half(n_val), n_val])
+    assert _cached_row_counts(root, masks=True) == [half(n_train), half(n_train)], "the lesion masks of each rank's train half"
 
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("num_nodes: 2", "num_nodes: 1"))
