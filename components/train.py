@@ -82,7 +82,8 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray)
                 self.log("train_mask_loss", mask_loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
             else:
                 logits, mask_loss = self(x), 0.0
-            loss = weight * self.loss(logits, y) + (1 - weight) * self.loss(logits, y[partner]) + config.mask_weight * mask_loss
+            loss = self.loss(logits, y) if weight == 1.0 else weight * self.loss(logits, y) + (1 - weight) * self.loss(logits, y[partner])
+            loss = loss + config.mask_weight * mask_loss
             self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
             self._train_losses.append(float(loss.detach()))
             return loss
