@@ -56,9 +56,9 @@ def _lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray)
 
         def on_after_batch_transfer(self, batch, _):
             if self.trainer.training and config.augment:
-                from components.dataset import augment_batch, drop_sequences
+                from components.dataset import augment_batch, drop_sequences, jitter_intensities
 
-                images = drop_sequences(batch[0], config.sequence_dropout)
+                images = jitter_intensities(drop_sequences(batch[0], config.sequence_dropout), config.intensity_jitter)
                 if spec.lesion_head:
                     images, masks = augment_batch(images, batch[2])
                     return images, batch[1], masks, batch[3]

@@ -104,3 +104,21 @@ def test_dropped_sequences_are_copies_of_one_sequence_of_the_same_slice():
         changed += bool(copied)
     assert 100 < changed < 200, "each channel is replaced with chance 1/2 (a copy of itself is no change)"
     assert (drop_sequences(images, 0.3) != images).flatten(1).any(1).float().mean() < 0.3
+
+
+def test_intensity_jitter_changes_each_sequence_smoothly_and_keeps_the_range():
+    import torch
+
+    from components.dataset import jitter_intensities
+
+    torch.manual_seed(0)
+    flat = torch.full((300, 3, 32, 32), 0.5)
+    assert jitter_intensities(flat, 0.0) is flat
+    out = jitter_intensities(flat, 1.0)
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out != flat).flatten(1).any(1).all(), "every slice is jittered at probability 1"
+    per_channel_mean = out.mean(dim=(2, 3))
+    assert (per_channel_mean[:, 0] - per_channel_mean[:, 1]).abs().mean() > 0.03, "each sequence gets its own contrast"
+    neighbour_step = (out[..., 1:] - out[..., :-1]).abs().max()
+    assert neighbour_step < 0.05, "the bias field is smooth, not noise"
+    assert 0.35 < (jitter_intensities(flat, 0.5) != flat).flatten(1).any(1).float().mean() < 0.65
