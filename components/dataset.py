@@ -81,7 +81,8 @@ def jitter_intensities(images, probability: float):
     """With ``probability`` per slice, each channel gets its own gamma and a smooth multiplicative bias field:
     patients differ by scanner and protocol in how each sequence renders tissue, and with a few dozen training
     patients a network learns those renderings instead of the lesions (per-image normalisation removes only
-    the global range)."""
+    the global range). MONAI's RandAdjustContrast and RandBiasField do this per sample; batched, for the reason
+    ``augment_batch`` gives."""
     import torch
     import torch.nn.functional as F
 
@@ -89,12 +90,12 @@ def jitter_intensities(images, probability: float):
         return images
     n, channels, size = images.shape[0], images.shape[1], images.shape[-1]
     device = images.device
-    chosen = (torch.rand(n, 1, 1, 1, device=device) < probability).to(images.dtype)
+    chosen = torch.rand(n, 1, 1, 1, device=device) < probability
     gamma = torch.exp((torch.rand(n, channels, 1, 1, device=device) * 2 - 1) * 0.4)  # γ in (0.67, 1.5)
     coarse = (torch.rand(n, channels, 3, 3, device=device) * 2 - 1) * 0.3
     field = torch.exp(F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True))  # ×(0.74, 1.35)
     jittered = (images.clamp_min(0) ** gamma.to(images.dtype) * field.to(images.dtype)).clamp(0, 1)
-    return chosen * jittered + (1 - chosen) * images
+    return torch.where(chosen, jittered, images)
 
 
 def augment_batch(images, masks=None):
