@@ -189,7 +189,7 @@ def volume_entries(cases: list, config: IngestConfig) -> list[Entry]:
             extra = columns | {"slice_index": piece.index, "lesion_mm2": piece.lesion_mm2}
             entries.append(Entry(png, f"{case.case}/z{piece.index:03d}", label=piece.label, subject=case.subject or case.case, extra=extra))
         volumes.append(
-            {**columns, "subject": pseudonym(case.subject or case.case, key, "sub-"), "label": case.label or "", "path": str(volume_path.resolve()),
+            {**columns, "subject": pseudonym(case.subject or case.case, key, "sub-"), "label": case.label or "", "path": portable_path(volume_path),
              "shape": "x".join(map(str, prepared.image.shape[1:])), "has_segmentation": prepared.segmentation is not None,
              "slices": len(slices), "tumor_slices": sum(s.label == TUMOUR for s in slices)}
         )  # fmt: skip
@@ -328,6 +328,13 @@ def _pixels(entry: Entry, cache: PixelCache) -> tuple[dict, np.ndarray, str | No
     return cache.entries[key]
 
 
+def portable_path(path: Path) -> str:
+    """Workspace-relative where the file lies inside the workspace, absolute elsewhere: the manifest's hash
+    (and so every DVC stage downstream) must not depend on where a clone sits, and stages run from its root."""
+    resolved, workspace = path.resolve(), Path.cwd().resolve()
+    return str(resolved.relative_to(workspace)) if resolved.is_relative_to(workspace) else str(resolved)
+
+
 def describe(entry: Entry, key: bytes, cache: PixelCache) -> tuple[dict, np.ndarray]:
     """Manifest record and dedup thumbnail of one image; raises DataError for a bad file."""
     if entry.error:
@@ -339,8 +346,8 @@ def describe(entry: Entry, key: bytes, cache: PixelCache) -> tuple[dict, np.ndar
         "image_id": pseudonym(entry.relative, key, "img-"),
         "subject": pseudonym(entry.subject or entry.relative, key, "sub-"),
         "label": entry.label or mask_label or _label_from_mask(entry),
-        "path": str(entry.path.resolve()),
-        "mask_path": str(entry.mask.resolve()) if entry.mask else "",
+        "path": portable_path(entry.path),
+        "mask_path": portable_path(entry.mask) if entry.mask else "",
         "source_split": entry.source_split,
         **stats,
         **entry.extra,

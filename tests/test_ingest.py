@@ -202,3 +202,21 @@ def test_a_zip_of_one_unlabelled_dicom_series_becomes_a_volume_for_3d_use(tmp_pa
         run(config)
     volumes = pd.read_csv(volumes_csv)
     assert len(volumes) == 1 and volumes["spacing_z"].iloc[0] == 2.0 and volumes["modality"].iloc[0] == "MR"
+
+
+def test_the_manifest_does_not_depend_on_where_the_workspace_lies(tiny_cohort: Path, tmp_path: Path, monkeypatch):
+    manifests = []
+    for place in ("here", "elsewhere/deeper"):
+        workspace = tmp_path / place
+        shutil.copytree(tiny_cohort, workspace / "data" / "cohort")
+        monkeypatch.chdir(workspace)
+        run(IngestConfig(source=Path("data/cohort"), out=Path("data/manifest.csv"), cache_dir=tmp_path / place / "cache"))
+        manifests.append((workspace / "data" / "manifest.csv").read_bytes())
+    assert manifests[0] == manifests[1]
+    paths = pd.read_csv(workspace / "data" / "manifest.csv")["path"]
+    assert paths.str.startswith("data/cohort/").all() and all((workspace / path).exists() for path in paths)
+
+
+def test_images_outside_the_workspace_keep_absolute_paths(tiny_cohort: Path, tmp_path: Path):
+    manifest = run(IngestConfig(source=tiny_cohort, out=tmp_path / "m.csv")).manifest
+    assert all(Path(path).is_absolute() and Path(path).exists() for path in manifest["path"])
