@@ -264,13 +264,23 @@ def _trainer(config: TrainConfig, logger, checkpoints: Path):
         strategy="ddp" if config.world_size > 1 else "auto",
         use_distributed_sampler=False,  # the data module hands each rank its own partition
         logger=logger,
-        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience)],
+        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience), *weight_averaging(config)],
         enable_progress_bar=sys.stdout.isatty(),
         enable_model_summary=False,
         log_every_n_steps=50,  # metrics are per epoch; logging at every step slowed training (bench/train_throughput.py)
         deterministic=False,
     )
     return trainer, checkpoint
+
+
+def weight_averaging(config: TrainConfig) -> list:
+    """An exponential moving average of the weights: it smooths the last steps' noise out of the model that
+    ships. Validation, checkpoints (and so the best one loaded) and the final model all hold the average."""
+    if not config.ema_decay:
+        return []
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    return [EMAWeightAveraging(decay=config.ema_decay)]
 
 
 def _quiet_lightning() -> None:
@@ -348,7 +358,7 @@ def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
     module = _lightning_module(spec, config, class_weights(split.loc[split["split"] == "train", "label"], classes))
     trainer = L.Trainer(
         **_budget(config), accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=weight_averaging(config),
     )  # fmt: skip
     trainer.fit(module, datamodule=_data_module(split, config, classes))
     return Classifier(spec, module.net), float(trainer.callback_metrics.get("val_auc", float("nan")))

@@ -254,3 +254,25 @@ def test_a_data_set_without_masks_trains_without_the_lesion_map(tmp_path, monkey
     assert where_masks_exist(config, with_masks) is config
     with pytest.raises(ValueError, match="needs network 'resnet'"):
         TrainConfig(network="densenet121", mask_weight=1.0)
+
+
+def test_weight_averaging_ships_the_moving_average_and_it_still_learns(tmp_path, monkeypatch):
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from components.imaging import read_slice
+    from components.model import tumour_probability
+    from components.train import fit_classifier
+
+    monkeypatch.chdir(tmp_path)
+    split = _toy_split(tmp_path)
+    fits = {}
+    for decay in (0.0, 0.9):
+        config = TrainConfig(image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=10, batch_size=16, ema_decay=decay, threads=1)
+        fits[decay] = fit_classifier(config, split[split["split"] != "test"])[0]
+    raw, averaged = (fits[decay].net.state_dict() for decay in (0.0, 0.9))
+    moved = [name for name, value in raw.items() if value.is_floating_point() and not torch.allclose(value, averaged[name])]
+    assert len(moved) > len(raw) // 2, "the same seed trains the same weights: only the average differs"
+    test = split[split["split"] == "test"]
+    scores = tumour_probability(fits[0.9].predict_proba([read_slice(p, color=True) for p in test["path"]]), fits[0.9].spec)
+    assert roc_auc_score(test["label"] == "tumor", scores) >= 0.9
