@@ -49,10 +49,10 @@ def bare_loop(config, images: np.ndarray, labels: np.ndarray, classes: list[str]
     import torch
 
     from components.model import build_network
-    from components.train import _spec
+    from components.train import model_spec
 
     torch.manual_seed(0)
-    net = build_network(_spec(config, classes)).to(memory_format=torch.channels_last).train()
+    net = build_network(model_spec(config, classes)).to(memory_format=torch.channels_last).train()
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
@@ -85,9 +85,9 @@ def lightning_stage(config, frame: pd.DataFrame, classes: list[str], epochs: int
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from components.train import _data_module, _lightning_module, _precision, _quiet_lightning, _spec, class_weights
+    from components.train import class_weights, data_module, lightning_module, model_spec, quiet_lightning, trainer_precision
 
-    _quiet_lightning()
+    quiet_lightning()
     L.seed_everything(0, verbose=False)
     timing = {"seen": 0, "seconds": 0.0}
 
@@ -109,12 +109,12 @@ def lightning_stage(config, frame: pd.DataFrame, classes: list[str], epochs: int
     mlflow.set_tracking_uri(tracking)
     with mlflow.start_run() as run:
         logger = MLFlowLogger(tracking_uri=tracking, run_id=run.info.run_id)
-        module = _lightning_module(_spec(config, classes), config, class_weights(frame["label"], classes))
-        trainer = L.Trainer(max_epochs=epochs, logger=logger, precision=_precision(config), enable_checkpointing=False, enable_progress_bar=False,
+        module = lightning_module(model_spec(config, classes), config, class_weights(frame["label"], classes))
+        trainer = L.Trainer(max_epochs=epochs, logger=logger, precision=trainer_precision(config), enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[Throughput()], limit_val_batches=1, num_sanity_val_steps=0,
                             log_every_n_steps=50)  # fmt: skip
         validation = frame.head(config.batch_size).assign(split="val")
-        trainer.fit(module, datamodule=_data_module(pd.concat([frame, validation]), config, classes))
+        trainer.fit(module, datamodule=data_module(pd.concat([frame, validation]), config, classes))
     return timing["seen"] / timing["seconds"]
 
 

@@ -36,7 +36,7 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray):
+def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray):
     import lightning as L
     import torch
     from sklearn.metrics import roc_auc_score
@@ -163,7 +163,7 @@ def _loader(rows: pd.DataFrame, config: TrainConfig, classes: list[str], train: 
     )
 
 
-def _data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
+def data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
     """Train and val loaders made in ``setup``, which runs in every DDP process once its rank is known."""
     import lightning as L
 
@@ -283,7 +283,7 @@ def weight_averaging(config: TrainConfig) -> list:
     return [EMAWeightAveraging(decay=config.ema_decay)]
 
 
-def _quiet_lightning() -> None:
+def quiet_lightning() -> None:
     """Our own epoch lines replace Lightning's tips, banners and deprecation chatter."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|litlogger|overridden `on_after_batch_transfer`).*")
@@ -292,10 +292,10 @@ def _quiet_lightning() -> None:
 def _budget(config: TrainConfig) -> dict:
     """The Trainer settings every fit shares: epochs, the time cap and the numeric precision."""
     time_cap = {"minutes": config.max_minutes} if config.max_minutes else None
-    return {"max_epochs": config.epochs, "max_time": time_cap, "precision": _precision(config)}
+    return {"max_epochs": config.epochs, "max_time": time_cap, "precision": trainer_precision(config)}
 
 
-def _precision(config: TrainConfig) -> str:
+def trainer_precision(config: TrainConfig) -> str:
     """'auto': fp16 mixed precision on a GPU, full fp32 on a CPU (bf16 there is a choice: 1.5-1.8x faster on CPUs
     with AMX, slower on ones without)."""
     if config.precision != "auto":
@@ -329,7 +329,7 @@ def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str, resu
     return run
 
 
-def _spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
+def model_spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
     return ModelSpec(
         network=config.network,
         image_size=config.image_size,
@@ -349,18 +349,18 @@ def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
     import lightning as L
     import torch
 
-    _quiet_lightning()
+    quiet_lightning()
     torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     config = where_masks_exist(config, split)
     classes = sorted(split["label"].unique())
-    spec = _spec(config, classes)
-    module = _lightning_module(spec, config, class_weights(split.loc[split["split"] == "train", "label"], classes))
+    spec = model_spec(config, classes)
+    module = lightning_module(spec, config, class_weights(split.loc[split["split"] == "train", "label"], classes))
     trainer = L.Trainer(
         **_budget(config), accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=weight_averaging(config),
     )  # fmt: skip
-    trainer.fit(module, datamodule=_data_module(split, config, classes))
+    trainer.fit(module, datamodule=data_module(split, config, classes))
     return Classifier(spec, module.net), float(trainer.callback_metrics.get("val_auc", float("nan")))
 
 
@@ -384,15 +384,15 @@ def run(config: TrainConfig) -> dict:
 
     if not config.split.exists():
         raise DataError(config.split, "split not found: run the split stage first")
-    _quiet_lightning()
+    quiet_lightning()
     torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     split = pd.read_csv(config.split)
     config = where_masks_exist(config, split)
     classes = sorted(split["label"].unique())
-    spec = _spec(config, classes)
-    data = _data_module(split, config, classes)
-    module = _lightning_module(spec, config, class_weights(split.loc[split["split"] == "train", "label"], classes))
+    spec = model_spec(config, classes)
+    data = data_module(split, config, classes)
+    module = lightning_module(spec, config, class_weights(split.loc[split["split"] == "train", "label"], classes))
     if config.init_weights is not None:
         print(load_initial_weights(module.net, config.init_weights), flush=True)
     data_hash = file_hash(config.split)
