@@ -46,8 +46,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def train_tiny_model(cohort: Path, bento_home: Path) -> None:
-    """A 48 px ResNet with a lesion head (untrained: the map is only served) fitted for a few epochs on the cohort's
+def train_tiny_model(cohort: Path, bento_home: Path, lesion_head: bool = True) -> None:
+    """A 48 px ResNet, by default with a lesion head (untrained: the map is only served), fitted for a few epochs on the cohort's
     slices, saved to the BentoML store with a card."""
     import bentoml
     import torch
@@ -65,7 +65,7 @@ def train_tiny_model(cohort: Path, bento_home: Path) -> None:
         blocks=[1, 1, 1, 1],
         classes=["notumor", "tumor"],
         norm="group",
-        lesion_head=True,
+        lesion_head=lesion_head,
     )
     classifier = Classifier(spec, build_network(spec))
     images = classifier.batch([read_slice(p) for p in paths])
@@ -88,6 +88,13 @@ def train_tiny_model(cohort: Path, bento_home: Path) -> None:
         Path(model.path_of("model_card.json")).write_text(json.dumps(card))
 
 
+def package_tiny_model(cohort: Path, bento_home: Path, lesion_head: bool = True) -> None:
+    """``train_tiny_model`` in its own process: the test process keeps no BentoML store of its own."""
+    code = f"from tests.endpoint import train_tiny_model; from pathlib import Path; " \
+        f"train_tiny_model(Path({str(cohort)!r}), Path({str(bento_home)!r}), {lesion_head})"  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], cwd=PROJECT, check=True)
+
+
 def serve_command(port: int, target: str = "serving.service:TumorScope") -> list[str]:
     return [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
 
@@ -100,8 +107,7 @@ def start_endpoint(folder: Path, extra_env: dict[str, str] | None = None, worker
     cohort = folder / "synth"
     synthesise(SynthConfig(out=cohort, subjects=24, slices_per_subject=2, image_size=64, seed=5))
     bento_home = folder / "bentoml"
-    subprocess.run([sys.executable, "-c", f"from tests.endpoint import train_tiny_model; from pathlib import Path; "
-                    f"train_tiny_model(Path({str(cohort)!r}), Path({str(bento_home)!r}))"], cwd=PROJECT, check=True)  # fmt: skip
+    package_tiny_model(cohort, bento_home)
     store = KeyStore(folder / "api_keys.json")
     keys = {name: store.create(f"test-{name}", scopes) for name, scopes in SCOPES.items()}
     key_ids = {name: key.split("_")[1] for name, key in keys.items()}

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.dicom_fixtures import PHI, write_series, write_zip
-from tests.endpoint import Endpoint, png_bytes, start_endpoint, stop
+from tests.endpoint import Endpoint, package_tiny_model, png_bytes, start_endpoint, stop
 from tests.test_volumes import _head, _save
 
 pytestmark = pytest.mark.slow
@@ -200,6 +200,21 @@ def test_explain_returns_the_heatmap_and_an_overlay_png(endpoint: Endpoint, scan
     lesion = post(endpoint, scans["png"], route="/explain", method="lesion-map").json()
     assert lesion["method"] == "lesion-map" and np.asarray(lesion["heatmap"]).shape == (48, 48)
     assert post(endpoint, scans["png"], route="/explain", method="shap").status_code == 422
+
+
+def test_a_lesion_map_from_a_model_without_a_lesion_head_is_a_clear_422(endpoint: Endpoint, scans: dict):
+    def serve_newly_packaged(lesion_head: bool) -> None:
+        package_tiny_model(endpoint.cohort, endpoint.folder / "bentoml", lesion_head)
+        assert httpx.post(f"{endpoint.url}/reload", json={}, headers=endpoint.auth("admin"), timeout=60).status_code == 200
+
+    serve_newly_packaged(lesion_head=False)
+    try:
+        refused = post(endpoint, scans["png"], route="/explain", method="lesion-map")
+        assert refused.status_code == 422 and "no lesion map" in refused.text and "occlusion" in refused.text
+        assert post(endpoint, scans["png"], route="/explain", method="grad-cam").status_code == 200
+    finally:
+        serve_newly_packaged(lesion_head=True)  # the module's other tests share this endpoint
+    assert post(endpoint, scans["png"], route="/explain", method="lesion-map").status_code == 200
 
 
 def test_model_route_gives_version_thresholds_and_card(endpoint: Endpoint):
