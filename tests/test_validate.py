@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,9 @@ def test_good_manifest_passes_with_data_docs(manifest: Path, tmp_path: Path):
     outcome = run(ValidateConfig(manifest=manifest, report_dir=tmp_path / "reports", min_images=10))
     assert outcome.success and outcome.evaluated >= 15 and not outcome.failures
     assert Path(outcome.data_docs.removeprefix("file://")).exists()
-    assert (tmp_path / "reports" / "result.json").exists()
+    stored = json.loads((tmp_path / "reports" / "result.json").read_text())
+    assert stored["data_docs"] == "gx/uncommitted/data_docs/local_site/index.html", "relative: the same in every clone"
+    assert (tmp_path / "reports" / stored["data_docs"]).exists()
 
 
 def test_single_class_and_blank_images_stop_the_pipeline_with_reasons(manifest: Path, tmp_path: Path):
