@@ -17,6 +17,7 @@ there are too many.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,8 +332,8 @@ def _pixels(entry: Entry, cache: PixelCache) -> tuple[dict, np.ndarray, str | No
 def portable_path(path: Path) -> str:
     """Workspace-relative where the file lies inside the workspace, absolute elsewhere: the manifest's hash
     (and so every DVC stage downstream) must not depend on where a clone sits, and stages run from its root."""
-    resolved, workspace = path.resolve(), Path.cwd().resolve()
-    return str(resolved.relative_to(workspace)) if resolved.is_relative_to(workspace) else str(resolved)
+    absolute, workspace = Path(os.path.abspath(path)), Path.cwd()  # abspath: a symlinked data folder keeps its name
+    return str(absolute.relative_to(workspace)) if absolute.is_relative_to(workspace) else str(absolute)
 
 
 def describe(entry: Entry, key: bytes, cache: PixelCache) -> tuple[dict, np.ndarray]:

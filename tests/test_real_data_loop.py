@@ -47,7 +47,7 @@ def _split_patients(lgg: Path, tmp: Path) -> tuple[Path, Path]:
     for i, row in enumerate(manifest.itertuples()):
         target = new_site / row.label / f"slice{i:04d}{Path(row.path).suffix}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(row.path)
+        target.symlink_to(Path(row.path).resolve())
         # the endpoint takes sex as F/M only and LGG's codes are undocumented, so sex stays unsent; age is real
         rows.append({"file": f"{row.label}/{target.name}", "sex": None, "site": "site-new", "age": row.age})
     pd.DataFrame(rows).to_csv(new_site / "metadata.csv", index=False)
