@@ -278,9 +278,31 @@ def weight_averaging(config: TrainConfig) -> list:
     ships. Validation, checkpoints (and so the best one loaded) and the final model all hold the average."""
     if not config.ema_decay:
         return []
-    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from lightning.pytorch.callbacks import WeightAveraging
 
-    return [EMAWeightAveraging(decay=config.ema_decay)]
+    class MovingAverage(WeightAveraging):
+        def on_fit_start(self, trainer, module) -> None:  # the average was made before the net moved to its device
+            if self._average_model is not None:
+                self._average_model.to(module.device)
+
+    return [MovingAverage(multi_avg_fn=ramped_moving_average(config.ema_decay))]
+
+
+def ramped_moving_average(decay: float):
+    """The update of torch's AveragedModel for an EMA with TensorFlow's ramp, rate min(decay, (1 + n) / (10 + n))
+    at update n: early on the average spans the last tenth of the steps, so the first, random weights fade at
+    once rather than after 1 / (1 - decay) steps."""
+    import torch
+
+    @torch.no_grad()
+    def update(means: list, currents: list, updates) -> None:
+        rate = min(decay, float((1 + updates) / (10 + updates)))
+        if torch.is_floating_point(means[0]):
+            torch._foreach_lerp_(means, currents, 1 - rate)
+        else:  # integer buffers (BatchNorm's batch count): the newest
+            torch._foreach_copy_(means, currents)
+
+    return update
 
 
 def quiet_lightning() -> None:

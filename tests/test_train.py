@@ -93,8 +93,10 @@ def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(t
 
     from tests.conftest import make_workspace, workspace_env
 
-    params = {"synth": {"subjects": 16, "image_size": 64}, "train": {"image_size": 32, "epochs": 6, "batch_size": 8,
-              "channels": [8, 8, 8, 8], "patience": 10}}  # fmt: skip
+    params = {
+        "synth": {"subjects": 16, "image_size": 64},
+        "train": {"image_size": 32, "epochs": 6, "batch_size": 8, "channels": [8, 8, 8, 8], "patience": 10, "ema_decay": 0.9},
+    }  # fmt: skip  (the moving average resumes too)
     root = make_workspace(tmp_path / "ws", params)
     env = workspace_env(root)
     for name in ("synth", "ingest", "validate", "split"):
@@ -266,13 +268,37 @@ def test_weight_averaging_ships_the_moving_average_and_it_still_learns(tmp_path,
 
     monkeypatch.chdir(tmp_path)
     split = _toy_split(tmp_path)
-    fits = {}
-    for decay in (0.0, 0.9):
+
+    def fitted(decay: float) -> dict:
         config = TrainConfig(image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=10, batch_size=16, ema_decay=decay, threads=1)
-        fits[decay] = fit_classifier(config, split[split["split"] != "test"])[0]
-    raw, averaged = (fits[decay].net.state_dict() for decay in (0.0, 0.9))
-    moved = [name for name, value in raw.items() if value.is_floating_point() and not torch.allclose(value, averaged[name])]
-    assert len(moved) > len(raw) // 2, "the same seed trains the same weights: only the average differs"
+        return fit_classifier(config, split[split["split"] != "test"])[0]
+
+    def changed(one, other) -> int:
+        first, second = one.net.state_dict(), other.net.state_dict()
+        return sum(not torch.equal(value, second[name]) for name, value in first.items())
+
+    raw, raw_again, averaged = fitted(0.0), fitted(0.0), fitted(0.9)
+    assert changed(raw, raw_again) == 0, "the same seed trains the same weights"
+    assert changed(raw, averaged) > len(raw.net.state_dict()) // 2, "so only the average differs"
     test = split[split["split"] == "test"]
-    scores = tumour_probability(fits[0.9].predict_proba([read_slice(p, color=True) for p in test["path"]]), fits[0.9].spec)
+    scores = tumour_probability(averaged.predict_proba([read_slice(p, color=True) for p in test["path"]]), averaged.spec)
     assert roc_auc_score(test["label"] == "tumor", scores) >= 0.9
+
+
+def test_the_moving_average_ramps_up_to_its_decay():
+    import torch
+    from torch.optim.swa_utils import AveragedModel
+
+    from components.train import ramped_moving_average
+
+    weight = torch.nn.Linear(1, 1, bias=False)
+    average = AveragedModel(weight, multi_avg_fn=ramped_moving_average(0.9))
+    for value in (0.0, 1.0):
+        weight.weight.data.fill_(value)
+        average.update_parameters(weight)
+    assert average.module.weight.item() == pytest.approx(1 - 2 / 11), "the second update moves it 9/11 of the way"
+    for _ in range(200):
+        average.update_parameters(weight)
+    weight.weight.data.fill_(0.0)
+    average.update_parameters(weight)
+    assert average.module.weight.item() == pytest.approx(0.9, abs=1e-6), "later the decay caps the rate"
