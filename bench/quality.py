@@ -100,7 +100,8 @@ def one_fold(config, manifest: pd.DataFrame, fold: np.ndarray, k: int, folds: in
     if classifier.spec.lesion_head:  # how far the lesion map's strongest cell alone ranks the slices
         from sklearn.metrics import roc_auc_score
 
-        metrics["lesion_map_auc"] = float(roc_auc_score(is_tumour, lesion_peaks(classifier, images)))
+        scores["lesion_peak"] = lesion_peaks(classifier, images)
+        metrics["lesion_map_auc"] = float(roc_auc_score(is_tumour, scores["lesion_peak"]))
     negatives = [image for image, tumour in zip(images, is_tumour) if not tumour][:100]
     metrics["smallest_lesion_mm"] = smallest_detected(lesion_curve(classifier, negatives)) if negatives else float("nan")
     return {"fold": k, "train_minutes": minutes, "test_images": len(test), "subjects": test["subject"].nunique(), **metrics}, scores
