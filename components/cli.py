@@ -221,7 +221,8 @@ def ingest(
     out: Annotated[Path, typer.Option(help="Manifest CSV to write.")] = Path("data/adhoc/manifest.csv"),
 ) -> None:
     """Ingest data outside the pipeline: reads SOURCE, writes the manifest, quarantine list and derived
-    slices/volumes next to OUT. Volume preprocessing follows params.yaml's ingest.volume when present."""
+    slices/volumes next to OUT. Volume preprocessing follows params.yaml's ingest.volume when present.
+    Image paths inside the current folder are written relative to it (as the pipeline's are), others absolute."""
     from pydantic import ValidationError
 
     from components.config import PARAMS_FILE, IngestConfig, load_params
