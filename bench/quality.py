@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--preset", default=None, help="params/<name>.yaml merged over params.yaml's train section")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--max-folds", type=int, default=None, help="run only the first N folds (time)")
+    parser.add_argument("--max-folds", type=int, default=None, help="run only N folds (time)")
+    parser.add_argument("--start-fold", type=int, default=0, help="the first fold to run (to finish a run in parts)")
     parser.add_argument("--specificity", type=float, default=0.95, help="ROC operating level for both points")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
@@ -130,7 +131,7 @@ def main() -> None:
         f"{len(manifest)} images, {manifest['subject'].nunique()} subjects, {args.folds} grouped folds; train: {config.model_dump(include={'network', 'image_size', 'in_channels', 'channels', 'blocks', 'epochs', 'precision'})}"
     )
     rows, scores = [], []
-    for k in range(args.max_folds or args.folds):
+    for k in range(args.start_fold, min(args.folds, args.start_fold + (args.max_folds or args.folds))):
         figures, fold_scores = one_fold(config, manifest, fold, k, args.folds, args.specificity)
         rows.append(figures)
         scores.append(fold_scores)
