@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from functools import cache
 from pathlib import Path
 
@@ -123,3 +124,10 @@ def code_version(*modules: str) -> str:
 
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def portable_path(path: Path, root: Path | None = None) -> str:
+    """``path`` relative to ``root`` (default: the workspace, where stages run) when it lies inside, else absolute:
+    DVC hashes what stages write, and that must not depend on where a clone sits."""
+    absolute, base = Path(os.path.abspath(path)), Path(os.path.abspath(root or Path.cwd()))  # abspath: symlinked folders keep their names
+    return str(absolute.relative_to(base)) if absolute.is_relative_to(base) else str(absolute)

@@ -17,7 +17,6 @@ there are too many.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import pandas as pd
 from components.config import NO_TUMOUR, IngestConfig, load_params
 from components.dedup import duplicate_groups, thumbnail
 from components.errors import DataError
-from components.imaging import IMAGE_SUFFIXES, code_version, file_signature, list_images, read_slice, slice_stats
+from components.imaging import IMAGE_SUFFIXES, code_version, file_signature, list_images, portable_path, read_slice, slice_stats
 from components.privacy import pseudonym
 from components.settings import get_settings
 from components.stage import track
@@ -327,13 +326,6 @@ def _pixels(entry: Entry, cache: PixelCache) -> tuple[dict, np.ndarray, str | No
         mask_label = None if entry.label or entry.mask is None else _label_from_mask(entry)
         cache.entries[key] = (slice_stats(image), thumbnail(image), mask_label)
     return cache.entries[key]
-
-
-def portable_path(path: Path) -> str:
-    """Workspace-relative where the file lies inside the workspace, absolute elsewhere: the manifest's hash
-    (and so every DVC stage downstream) must not depend on where a clone sits, and stages run from its root."""
-    absolute, workspace = Path(os.path.abspath(path)), Path.cwd()  # abspath: a symlinked data folder keeps its name
-    return str(absolute.relative_to(workspace)) if absolute.is_relative_to(workspace) else str(absolute)
 
 
 def describe(entry: Entry, key: bytes, cache: PixelCache) -> tuple[dict, np.ndarray]:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from components.config import NO_TUMOUR, ValidateConfig, load_params
 from components.errors import DataError, TumorScopeError
+from components.imaging import portable_path
 
 AXIS_CODES = r"^(?:[RL][AP][SI]|[RL][SI][AP]|[AP][RL][SI]|[AP][SI][RL]|[SI][RL][AP]|[SI][AP][RL])$"  # a valid orientation, e.g. LPS
 QC_COLUMNS = ["image_id", "label", "width", "height", "channels", "sequences", "spacing_x", "spacing_y", "spacing_z", "source_orientation",
@@ -155,13 +156,6 @@ def _explain(table: str, result) -> str:
     return f"{table}: {config.type} {kwargs} failed (found: {sample})"
 
 
-def _relative_link(url: str, report_dir: Path) -> str:
-    """The Data Docs page relative to the report folder: result.json is a DVC dependency of the split stage,
-    and an absolute link would make it (and every stage after it) differ between clones."""
-    page = Path(url.removeprefix("file://"))
-    return str(page.relative_to(report_dir.resolve())) if page.is_relative_to(report_dir.resolve()) else url
-
-
 def run(config: ValidateConfig) -> ValidationOutcome:
     if not config.manifest.exists():
         raise DataError(config.manifest, "manifest not found: run the ingest stage first")
@@ -172,7 +166,8 @@ def run(config: ValidateConfig) -> ValidationOutcome:
     qc_table(manifest, quarantine, config).to_csv(config.report_dir / "qc.csv", index=False)
     outcome = check(config, manifest, len(quarantine))
     outcome.quarantined = [{"image_id": r.image_id, "problem": r.problem} for r in quarantine.itertuples()]
-    stored = outcome.__dict__ | {"data_docs": _relative_link(outcome.data_docs, config.report_dir)}
+    # relative: result.json is a DVC dependency of the split stage, and an absolute link differs between clones
+    stored = outcome.__dict__ | {"data_docs": portable_path(Path(outcome.data_docs.removeprefix("file://")), config.report_dir)}
     (config.report_dir / "result.json").write_text(json.dumps(stored, indent=2))
     print(f"validation: {outcome.evaluated} expectations, {len(outcome.failures)} failed; Data Docs: {outcome.data_docs}")
     if not outcome.success:
