@@ -122,6 +122,17 @@ def threshold_for_sensitivity(tumour_score: np.ndarray, is_tumour: np.ndarray, t
     return float(np.clip(positives[max(misses, 0)], 1e-4, 1 - 1e-4))
 
 
+def threshold_for_specificity(tumour_score: np.ndarray, is_tumour: np.ndarray, floor: float) -> float:
+    """The lowest P(tumour) threshold at which the validation specificity is at least ``floor``. On a small
+    validation set the sensitivity target can pull the threshold down to its hardest tumour slice, where most
+    tumour-free slices are alarms too; this is the floor under it."""
+    negatives = np.sort(tumour_score[~is_tumour])[::-1]
+    allowed_alarms = int(np.floor((1 - floor) * len(negatives) + 1e-9))
+    if allowed_alarms >= len(negatives):
+        return 0.0
+    return float(np.nextafter(negatives[allowed_alarms], np.inf))
+
+
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
     """ECE of the top-label confidence: the gap between confidence and accuracy over equal-width bins."""
     from components.intervals import calibration_error, reliability_table

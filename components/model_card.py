@@ -29,6 +29,14 @@ LIMITATIONS = [
     "subgroups smaller than the evaluation's minimum group size are reported but not judged",
     "small lesions are the hardest: see the lesion-size curve where the evaluation produced one",
 ]
+CALIBRATION_METRICS = (
+    "calibration_temperature",
+    "operating_threshold",
+    "val_sensitivity_at_threshold",
+    "val_specificity_at_threshold",
+    "val_ece_uncalibrated",
+    "val_ece_calibrated",
+)
 TEST_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "worst_subgroup_sensitivity", "images")
 
 
@@ -46,11 +54,7 @@ def build_card(model_name: str, version: str, run) -> dict:
         "data": {"data_hash": params.get("data_hash"), "classes": params.get("classes", "").split(",")},
         "training": {k: params[k] for k in sorted(params) if k not in ("data_hash", "classes")},
         "metrics": {name: metrics[f"test_{name}"] for name in TEST_METRICS if f"test_{name}" in metrics},
-        "calibration": {
-            name: metrics[name]
-            for name in ("calibration_temperature", "operating_threshold", "val_ece_uncalibrated", "val_ece_calibrated")
-            if name in metrics
-        },
+        "calibration": {name: metrics[name] for name in CALIBRATION_METRICS if name in metrics},
         "subgroups": _subgroups(run.info.run_id),
         "explanations": _explanations(float(params.get("mask_weight") or 0) > 0),
     }

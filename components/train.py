@@ -443,7 +443,7 @@ def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config:
     """What is fitted on validation images (seen neither in training nor in the test): the embedding summary's PCA,
     the softmax temperature (calibration) and the operating threshold for ``train.target_sensitivity``."""
     from components.dataset import prepared_images
-    from components.model import EmbeddingProjection, expected_calibration_error, fit_temperature, threshold_for_sensitivity
+    from components.model import EmbeddingProjection, expected_calibration_error, fit_temperature
 
     images = prepared_images(validation, config.image_size, channels=config.in_channels)
     parts = [classifier.predict_prepared(images[start : start + 256]) for start in range(0, len(images), 256)]
@@ -457,16 +457,30 @@ def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config:
     spec = classifier.spec
     spec.temperature = temperature
     is_tumour = labels != spec.tumour_free_index
-    if config.target_sensitivity is not None:
-        spec.operating_threshold = threshold_for_sensitivity(
-            1 - calibrated[:, spec.tumour_free_index], is_tumour, config.target_sensitivity
-        )
+    score = 1 - calibrated[:, spec.tumour_free_index]
+    spec.operating_threshold = operating_threshold(score, is_tumour, config)
     return {
         "calibration_temperature": temperature,
         "operating_threshold": spec.operating_threshold,
+        "val_sensitivity_at_threshold": float((score[is_tumour] >= spec.operating_threshold).mean()) if is_tumour.any() else float("nan"),
+        "val_specificity_at_threshold": float((score[~is_tumour] < spec.operating_threshold).mean())
+        if (~is_tumour).any()
+        else float("nan"),
         "val_ece_uncalibrated": expected_calibration_error(probabilities, labels),
         "val_ece_calibrated": expected_calibration_error(calibrated, labels),
     }
+
+
+def operating_threshold(score: np.ndarray, is_tumour: np.ndarray, config: TrainConfig) -> float:
+    """P(tumour) at which the model answers 'tumour': the one for ``train.target_sensitivity`` (0.5 without one),
+    raised where it would cost more validation specificity than ``train.specificity_floor`` allows. Raising it
+    gives up sensitivity in the open: the validation figures at the threshold go to the run and the model card."""
+    from components.model import threshold_for_sensitivity, threshold_for_specificity
+
+    threshold = 0.5 if config.target_sensitivity is None else threshold_for_sensitivity(score, is_tumour, config.target_sensitivity)
+    if config.specificity_floor is not None and (~is_tumour).any():
+        threshold = max(threshold, threshold_for_specificity(score, is_tumour, config.specificity_floor))
+    return threshold
 
 
 def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash: str, epochs: int, calibration: dict[str, float]) -> dict:
@@ -484,7 +498,8 @@ def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash:
     print(
         f"trained {epochs} epochs; temperature {calibration['calibration_temperature']:.2f} (val ECE "
         f"{calibration['val_ece_uncalibrated']:.3f} -> {calibration['val_ece_calibrated']:.3f}), operating threshold "
-        f"{calibration['operating_threshold']:.3f}; MLflow run {run_id}"
+        f"{calibration['operating_threshold']:.3f} (validation sensitivity {calibration['val_sensitivity_at_threshold']:.3f}, "
+        f"specificity {calibration['val_specificity_at_threshold']:.3f}); MLflow run {run_id}"
     )
     return extra
 

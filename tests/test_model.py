@@ -67,6 +67,16 @@ def test_operating_threshold_keeps_a_margin_above_the_target_sensitivity():
     assert threshold_for_sensitivity(scores[:5], np.ones(5, bool), target=0.9) == scores[:5].min(), "few positives: miss none"
 
 
+def test_specificity_floor_threshold_lets_through_only_the_allowed_alarms():
+    from components.model import threshold_for_specificity
+
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1, 0.05, 0.01, 0.3, 0.95])
+    is_tumour = np.array([True, True, True, True, False, False, False, False, False, False])
+    threshold = threshold_for_specificity(scores, is_tumour, floor=0.8)  # 6 negatives: one alarm allowed
+    assert 0.3 < threshold <= 0.31 and ((scores >= threshold) & ~is_tumour).sum() == 1
+    assert threshold_for_specificity(scores, is_tumour, floor=0.99) > 0.95, "no alarm allowed: above the highest negative"
+
+
 def test_temperature_scaling_lowers_the_calibration_error_of_an_overconfident_model():
     from components.model import expected_calibration_error, fit_temperature
 

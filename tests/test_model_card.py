@@ -21,7 +21,9 @@ def test_card_comes_from_the_run_and_renders(tmp_path: Path, monkeypatch):
     experiment = mlflow.create_experiment("cards", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_params({"data_hash": "abc123", "classes": "notumor,tumor", "epochs": 3})
-        mlflow.log_metrics({"test_accuracy": 0.91, "test_sensitivity": 0.95, "operating_threshold": 0.31, "val_ece_calibrated": 0.02})
+        mlflow.log_metrics(
+            {"test_accuracy": 0.91, "test_sensitivity": 0.95, "operating_threshold": 0.31, "val_specificity_at_threshold": 0.9}
+        )
         table = tmp_path / "subgroups.csv"
         pd.DataFrame({"attribute": ["sex", "sex"], "group": ["F", "M"], "sensitivity": [0.93, 0.97], "images": [40, 44]}).to_csv(
             table, index=False
@@ -29,7 +31,8 @@ def test_card_comes_from_the_run_and_renders(tmp_path: Path, monkeypatch):
         mlflow.log_artifact(str(table), artifact_path="evaluation")
     card = build_card("tumorscope-x", "4", mlflow.get_run(run.info.run_id))
     assert card["metrics"] == {"accuracy": 0.91, "sensitivity": 0.95}
-    assert card["calibration"]["operating_threshold"] == 0.31 and card["data"]["classes"] == ["notumor", "tumor"]
+    assert card["calibration"] == {"operating_threshold": 0.31, "val_specificity_at_threshold": 0.9}, "what the threshold costs"
+    assert card["data"]["classes"] == ["notumor", "tumor"]
     assert [row["group"] for row in card["subgroups"]] == ["F", "M"] and card["training"] == {"epochs": "3"}
     markdown = render_markdown(card)
     assert "| sensitivity | 0.9500 |" in markdown and "| sex | F | 0.930 | 40 |" in markdown and "## Not for" in markdown

@@ -44,6 +44,19 @@ def settings_env(monkeypatch):
     get_settings.cache_clear()
 
 
+def test_the_specificity_floor_raises_a_threshold_the_sensitivity_target_set_on_one_hard_tumour():
+    from components.train import operating_threshold
+
+    rng = np.random.default_rng(3)
+    negatives, tumours = rng.beta(1, 8, 200), np.r_[rng.beta(8, 1, 19), 0.02]  # one tumour slice scores like the negatives
+    score, is_tumour = np.r_[negatives, tumours], np.r_[np.zeros(200, bool), np.ones(20, bool)]
+    for_sensitivity = operating_threshold(score, is_tumour, TrainConfig(target_sensitivity=0.95))
+    with_floor = operating_threshold(score, is_tumour, TrainConfig(target_sensitivity=0.95, specificity_floor=0.9))
+    assert for_sensitivity == pytest.approx(0.02), "20 tumours: the Wilson bound misses none, so the hardest sets it"
+    assert (negatives < with_floor).mean() >= 0.9 > (negatives < for_sensitivity).mean()
+    assert operating_threshold(score, is_tumour, TrainConfig(specificity_floor=0.9)) == 0.5, "a floor only raises"
+
+
 def test_one_node_trains_in_process(settings_env):
     assert torchrun_command(TrainConfig(devices=2)) is None
 
