@@ -40,8 +40,9 @@ def main() -> None:
     split_file, model_dir = args.workspace / "data" / "split.csv", args.workspace / "models"
     if not split_file.exists() or not (model_dir / "model.pt").exists():
         raise SystemExit(f"skipped: no trained model in {args.workspace.resolve()} (run `tumorscope run` there first)")
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_auc_score
 
+    from components.evaluate import roc_points
     from components.imaging import read_slice
     from components.model import Classifier, decide, tumour_probability
 
@@ -53,9 +54,8 @@ def main() -> None:
     probabilities = classifier.predict_proba([read_slice(path, name=name, color=colour) for path, name in zip(paths, test["image_id"])])
     labels, score = test["label"].to_numpy(), tumour_probability(probabilities, classifier.spec)
     is_tumour = labels != "notumor"
-    fpr, tpr, _ = roc_curve(is_tumour, score)
-    sensitivity = tpr[fpr <= 1 - args.specificity].max()
-    specificity = 1 - fpr[tpr >= args.sensitivity].min()
+    points = roc_points(is_tumour, score, specificity=args.specificity, sensitivity=args.sensitivity)
+    sensitivity, specificity = points["sens_at_spec"], points["spec_at_sens"]
     print(f"{len(test)} test slices ({int(is_tumour.sum())} tumours), classes {classifier.spec.classes}")
     print(f"ROC-AUC {roc_auc_score(is_tumour, score):.5f}")
     print(

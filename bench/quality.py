@@ -1,14 +1,14 @@
 """Quality on real data: grouped k-fold cross-validation of the train stage's network with a data set's preset.
 
 Every image of a patient (LGG) or of a near-duplicate group (Masoud, which has no patient IDs) falls in one fold.
-Per fold: train on k-2 folds, calibrate and pick the operating threshold on the next fold, test on the held-out
-fold. It prints, per fold and as mean ± SD across folds:
+Per fold: test on the held-out fold; validate (calibration, operating threshold, best checkpoint) on the next
+fold, or on one of --val-parts grouped parts of it; train on the rest. It prints, per fold and as mean ± SD across folds:
   - multi-class accuracy at the operating threshold;
   - tumour-vs-none ROC-AUC, sensitivity and specificity at the threshold chosen on the validation fold;
   - the ROC points the targets name: sensitivity at specificity >= --specificity (and the reverse);
   - the lesion-size curve's summary on the fold's tumour-free slices (smallest lesion found in 90 %).
 
-  .venv/bin/python bench/quality.py --data ../shared/data/lgg-kaggle_3m/kaggle_3m --preset lgg --folds 5
+  .venv/bin/python bench/quality.py --data ../shared/data/lgg-kaggle_3m/kaggle_3m --preset lgg --folds 5 --val-parts 2
   .venv/bin/python bench/quality.py --data ../shared/data/masoud-224/Training --preset masoud --folds 5 --max-folds 1
 
 Training time per fold is printed too: the targets are set for 2 CPU cores.
@@ -56,12 +56,24 @@ def folds_of(manifest: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def roc_points(is_tumour: np.ndarray, score: np.ndarray, level: float) -> dict[str, float]:
-    """The best sensitivity with specificity >= level, and the best specificity with sensitivity >= level."""
-    from sklearn.metrics import roc_curve
+def fold_roles(manifest: pd.DataFrame, fold: np.ndarray, k: int, val_parts: int, seed: int) -> np.ndarray:
+    """Fold k tests; one of ``val_parts`` grouped parts of the next fold validates (calibration, threshold, the
+    checkpoint); the rest trains. val_parts 2 gives the split stage's proportions: train 70 %, val 10 %, test 20 %."""
+    from sklearn.model_selection import StratifiedGroupKFold
 
-    fpr, tpr, _ = roc_curve(is_tumour, score)
-    return {"sens_at_spec": float(tpr[1 - fpr >= level].max()), "spec_at_sens": float((1 - fpr)[tpr >= level].max())}
+    from components.split import leakage_groups
+
+    folds = int(fold.max()) + 1
+    role = np.where(fold == k, "test", "train").astype(object)
+    following = np.flatnonzero(fold == (k + 1) % folds)
+    if val_parts == 1:
+        role[following] = "val"
+        return role.astype(str)
+    rows = manifest.iloc[following]
+    splitter = StratifiedGroupKFold(n_splits=val_parts, shuffle=True, random_state=seed)
+    _, validation = next(splitter.split(rows, rows["label"], leakage_groups(rows)))
+    role[following[validation]] = "val"
+    return role.astype(str)
 
 
 def lesion_peaks(classifier, images: list[np.ndarray]) -> np.ndarray:
@@ -76,27 +88,27 @@ def lesion_peaks(classifier, images: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(peaks)
 
 
-def one_fold(config, manifest: pd.DataFrame, fold: np.ndarray, k: int, folds: int, level: float) -> tuple[dict[str, float], pd.DataFrame]:
+def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: float) -> tuple[dict[str, float], pd.DataFrame]:
     """The fold's figures and its test slices' P(tumour)."""
     from components.config import NO_TUMOUR
-    from components.evaluate import metrics_for
+    from components.evaluate import metrics_for, roc_points
     from components.imaging import read_slice
     from components.lesion_curve import lesion_curve, smallest_detected
     from components.model import tumour_probability
     from components.train import fit_classifier
 
-    role = np.where(fold == k, "test", np.where(fold == (k + 1) % folds, "val", "train"))
     split = manifest.assign(split=role)
     started = time.perf_counter()
     classifier, _ = fit_classifier(config, split[split["split"] != "test"])
     minutes = (time.perf_counter() - started) / 60
+    classifier.save(Path.cwd() / f"fold{k}")  # for analyses after the run
     test = split[split["split"] == "test"]
     images = [read_slice(path, name=name, color=True) for path, name in zip(test["path"], test["image_id"])]
     probabilities = classifier.predict_proba(images)
     metrics = metrics_for(classifier.spec, test["label"], probabilities)
     is_tumour = (test["label"] != NO_TUMOUR).to_numpy()
     scores = test[["image_id", "subject", "label"]].assign(fold=k, p_tumour=tumour_probability(probabilities, classifier.spec))
-    metrics |= roc_points(is_tumour, scores["p_tumour"].to_numpy(), level)
+    metrics |= roc_points(is_tumour, scores["p_tumour"].to_numpy(), specificity=level, sensitivity=level)
     if classifier.spec.lesion_head:  # how far the lesion map's strongest cell alone ranks the slices
         from sklearn.metrics import roc_auc_score
 
@@ -104,7 +116,12 @@ def one_fold(config, manifest: pd.DataFrame, fold: np.ndarray, k: int, folds: in
         metrics["lesion_map_auc"] = float(roc_auc_score(is_tumour, scores["lesion_peak"]))
     negatives = [image for image, tumour in zip(images, is_tumour) if not tumour][:100]
     metrics["smallest_lesion_mm"] = smallest_detected(lesion_curve(classifier, negatives)) if negatives else float("nan")
-    return {"fold": k, "train_minutes": minutes, "test_images": len(test), "subjects": test["subject"].nunique(), **metrics}, scores
+    validation = split[split["split"] == "val"]
+    return {
+        "fold": k, "train_minutes": minutes, "test_images": len(test), "subjects": test["subject"].nunique(),
+        "train_subjects": split.loc[split["split"] == "train", "subject"].nunique(), "val_subjects": validation["subject"].nunique(),
+        "operating_threshold": classifier.spec.operating_threshold, **metrics,
+    }, scores  # fmt: skip
 
 
 def main() -> None:
@@ -114,6 +131,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--max-folds", type=int, default=None, help="run only N folds (time)")
     parser.add_argument("--start-fold", type=int, default=0, help="the first fold to run (to finish a run in parts)")
+    parser.add_argument("--val-parts", type=int, default=1, help="validate on 1/N of the next fold, train on the rest (1: all of it)")
     parser.add_argument("--specificity", type=float, default=0.95, help="ROC operating level for both points")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
@@ -132,7 +150,8 @@ def main() -> None:
     )
     rows, scores = [], []
     for k in range(args.start_fold, min(args.folds, args.start_fold + (args.max_folds or args.folds))):
-        figures, fold_scores = one_fold(config, manifest, fold, k, args.folds, args.specificity)
+        role = fold_roles(manifest, fold, k, args.val_parts, args.seed)
+        figures, fold_scores = one_fold(config, manifest, role, k, args.specificity)
         rows.append(figures)
         scores.append(fold_scores)
         print(

@@ -41,6 +41,13 @@ def binary_metrics(is_tumour: np.ndarray, score: np.ndarray, threshold: float = 
     }
 
 
+def roc_points(is_tumour: np.ndarray, score: np.ndarray, specificity: float, sensitivity: float) -> dict[str, float]:
+    """The best sensitivity at a specificity of at least ``specificity``, and the best specificity at a
+    sensitivity of at least ``sensitivity``: the operating points screening targets name, whatever threshold gets there."""
+    fpr, tpr, _ = roc_curve(is_tumour, score)
+    return {"sens_at_spec": float(tpr[1 - fpr >= specificity].max()), "spec_at_sens": float((1 - fpr)[tpr >= sensitivity].max())}
+
+
 def score_images(classifier: Classifier, paths: list[str], names: list[str] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Class probabilities, raw-image statistics and the embedding summary for each file (``names`` label errors
     instead of paths)."""

@@ -1,11 +1,10 @@
-"""The quality benchmark's own arithmetic: leak-free folds and the ROC points the targets name."""
+"""The quality benchmark's own arithmetic: leak-free folds and the roles of their images."""
 
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 SPEC = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "bench" / "quality.py")
 quality = importlib.util.module_from_spec(SPEC)
@@ -29,9 +28,17 @@ def test_folds_keep_subjects_and_near_duplicates_whole_and_hold_both_classes():
         assert set(manifest.loc[fold == k, "label"]) == {"tumor", "notumor"}
 
 
-def test_roc_points_are_the_best_sensitivity_at_a_specificity_and_the_reverse():
-    is_tumour = np.array([0] * 10 + [1] * 10, bool)
-    score = np.r_[np.linspace(0, 0.5, 10), 0.3, np.linspace(0.6, 1, 9)]  # negatives 0, 0.056, ..., 0.5; a tumour at 0.3
-    assert quality.roc_points(is_tumour, score, level=0.9) == {"sens_at_spec": 0.9, "spec_at_sens": 1.0}
-    # every tumour found: the threshold drops to 0.3 and four negatives (0.33-0.5) are flagged
-    assert quality.roc_points(is_tumour, score, level=1.0) == {"sens_at_spec": 0.9, "spec_at_sens": pytest.approx(0.6)}
+def test_fold_roles_test_one_fold_and_validate_on_a_grouped_part_of_the_next():
+    subjects = np.repeat([f"p{i}" for i in range(20)], 4)
+    manifest = pd.DataFrame(
+        {"subject": subjects, "label": np.tile(["tumor", "notumor"], 40), "duplicate_group": [f"u{i}" for i in range(80)]}
+    )
+    fold = quality.folds_of(manifest, folds=5, seed=0)
+    whole = quality.fold_roles(manifest, fold, k=4, val_parts=1, seed=0)
+    assert (whole == "test").sum() == (fold == 4).sum() and set(np.flatnonzero(whole == "val")) == set(np.flatnonzero(fold == 0))
+    half = quality.fold_roles(manifest, fold, k=4, val_parts=2, seed=0)
+    assert (half == "test").tolist() == (whole == "test").tolist(), "the same test fold"
+    validating = manifest.loc[half == "val"]
+    assert validating["subject"].nunique() == manifest.loc[fold == 0, "subject"].nunique() // 2
+    assert set(validating["label"]) == {"tumor", "notumor"} and (fold[half == "val"] == 0).all()
+    assert not set(validating["subject"]) & set(manifest.loc[half == "train", "subject"]), "no patient in two roles"
