@@ -1,8 +1,8 @@
 """Quality on real data: grouped k-fold cross-validation of the train stage's network with a data set's preset.
 
 Every image of a patient (LGG) or of a near-duplicate group (Masoud, which has no patient IDs) falls in one fold.
-Per fold: test on the held-out fold; validate (calibration, operating threshold, best checkpoint) on the next
-fold, or on one of --val-parts grouped parts of it; train on the rest. It prints, per fold and as mean ± SD across folds:
+Per fold: test on the held-out fold; validate (calibration, operating threshold) on the next fold, or on one
+of --val-parts grouped parts of it; train on the rest (the last epoch's weights: nothing is picked on validation). It prints, per fold and as mean ± SD across folds:
   - multi-class accuracy at the operating threshold;
   - tumour-vs-none ROC-AUC, sensitivity and specificity at the threshold chosen on the validation fold;
   - the ROC points the targets name: sensitivity at specificity >= --specificity (and the reverse);
@@ -57,8 +57,8 @@ def folds_of(manifest: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
 
 
 def fold_roles(manifest: pd.DataFrame, fold: np.ndarray, k: int, val_parts: int, seed: int) -> np.ndarray:
-    """Fold k tests; one of ``val_parts`` grouped parts of the next fold validates (calibration, threshold, the
-    checkpoint); the rest trains. val_parts 2 gives the split stage's proportions: train 70 %, val 10 %, test 20 %."""
+    """Fold k tests; one of ``val_parts`` grouped parts of the next fold validates (calibration, threshold); the rest
+    trains. With 5 folds and val_parts 2: train 70 %, val 10 %, test 20 %, near the split stage's 65/15/20."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     from components.split import leakage_groups
@@ -101,7 +101,7 @@ def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: fl
     started = time.perf_counter()
     classifier, _ = fit_classifier(config, split[split["split"] != "test"])
     minutes = (time.perf_counter() - started) / 60
-    classifier.save(Path.cwd() / f"fold{k}")  # for analyses after the run
+    classifier.save(Path.cwd() / f"fold{k}")  # in the run's workspace (printed), for analyses after the run
     test = split[split["split"] == "test"]
     images = [read_slice(path, name=name, color=True) for path, name in zip(test["path"], test["image_id"])]
     probabilities = classifier.predict_proba(images)
@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--specificity", type=float, default=0.95, help="ROC operating level for both points")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
+    if args.val_parts < 1:
+        parser.error("--val-parts must be 1 or more")
     if not args.data.is_dir():
         raise SystemExit(f"skipped: {args.data} not found (the shared real data sets are not on this machine)")
     from components.config import train_config_with_preset

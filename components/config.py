@@ -142,7 +142,7 @@ class TrainConfig(Section):
     num_nodes: int = Field(1, ge=1)
     lr_scaling: Literal["none", "linear"] = "none"
     target_sensitivity: float | None = Field(None, gt=0, lt=1)  # None: operating threshold 0.5 on P(tumour)
-    specificity_floor: float | None = Field(None, gt=0, lt=1)  # the threshold never falls below validation specificity this
+    specificity_floor: float | None = Field(None, gt=0, lt=1)  # lowest validation specificity the threshold may cost (None: no floor)
     resume: bool = True  # a killed run with the same params and data resumes from its last checkpoint
     checkpoint_root: Path = Path("data/checkpoints")
     init_weights: Path | None = None  # local pretrained weights (state dict or Lightning checkpoint); none are downloaded

@@ -130,7 +130,9 @@ def threshold_for_specificity(tumour_score: np.ndarray, is_tumour: np.ndarray, f
     allowed_alarms = int(np.floor((1 - floor) * len(negatives) + 1e-9))
     if allowed_alarms >= len(negatives):
         return 0.0
-    return float(np.nextafter(negatives[allowed_alarms], np.inf))
+    # one float32 step above that negative: the endpoint compares float32 scores with it. Capped: 1.0 calls nothing a tumour
+    above = np.nextafter(np.float32(negatives[allowed_alarms]), np.float32(np.inf))
+    return float(min(above, 1 - 1e-4))
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:

@@ -32,6 +32,7 @@ LIMITATIONS = [
 CALIBRATION_METRICS = (
     "calibration_temperature",
     "operating_threshold",
+    "threshold_for_target_sensitivity",
     "val_sensitivity_at_threshold",
     "val_specificity_at_threshold",
     "val_ece_uncalibrated",
@@ -87,7 +88,7 @@ def render_markdown(card: dict) -> str:
     lines += ["## Not for", *[f"- {item}" for item in card["not_for"]], "", "## Data"]
     lines += [f"- classes: {', '.join(card['data']['classes'])}", f"- data version (split hash): `{card['data']['data_hash']}`", ""]
     lines += ["## Test metrics", "| metric | value |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in card["metrics"].items()], ""]
-    lines += ["## Calibration", *[f"- {k}: {v:.4f}" for k, v in card["calibration"].items()], ""]
+    lines += ["## Calibration and operating point", *[f"- {k}: {v:.4f}" for k, v in card["calibration"].items()], ""]
     if card["subgroups"]:
         columns = list(card["subgroups"][0])
         lines += ["## Subgroups", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

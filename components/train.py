@@ -441,7 +441,7 @@ def run(config: TrainConfig) -> dict:
 
 def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config: TrainConfig, classes: list[str]) -> dict[str, float]:
     """What is fitted on validation images (seen neither in training nor in the test): the embedding summary's PCA,
-    the softmax temperature (calibration) and the operating threshold for ``train.target_sensitivity``."""
+    the softmax temperature (calibration) and the operating threshold (``choose_operating_threshold``)."""
     from components.dataset import prepared_images
     from components.model import EmbeddingProjection, expected_calibration_error, fit_temperature
 
@@ -458,29 +458,40 @@ def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config:
     spec.temperature = temperature
     is_tumour = labels != spec.tumour_free_index
     score = 1 - calibrated[:, spec.tumour_free_index]
-    spec.operating_threshold = operating_threshold(score, is_tumour, config)
+    operating_point = choose_operating_threshold(score, is_tumour, config)
+    spec.operating_threshold = operating_point["operating_threshold"]
     return {
         "calibration_temperature": temperature,
-        "operating_threshold": spec.operating_threshold,
-        "val_sensitivity_at_threshold": float((score[is_tumour] >= spec.operating_threshold).mean()) if is_tumour.any() else float("nan"),
-        "val_specificity_at_threshold": float((score[~is_tumour] < spec.operating_threshold).mean())
-        if (~is_tumour).any()
-        else float("nan"),
+        **operating_point,
         "val_ece_uncalibrated": expected_calibration_error(probabilities, labels),
         "val_ece_calibrated": expected_calibration_error(calibrated, labels),
     }
 
 
-def operating_threshold(score: np.ndarray, is_tumour: np.ndarray, config: TrainConfig) -> float:
+def choose_operating_threshold(score: np.ndarray, is_tumour: np.ndarray, config: TrainConfig) -> dict[str, float]:
     """P(tumour) at which the model answers 'tumour': the one for ``train.target_sensitivity`` (0.5 without one),
     raised where it would cost more validation specificity than ``train.specificity_floor`` allows. Raising it
-    gives up sensitivity in the open: the validation figures at the threshold go to the run and the model card."""
+    gives up sensitivity in the open: both thresholds and the validation figures at the chosen one go to the run
+    and the model card (a figure without the slices to define it is left out, not NaN)."""
     from components.model import threshold_for_sensitivity, threshold_for_specificity
 
-    threshold = 0.5 if config.target_sensitivity is None else threshold_for_sensitivity(score, is_tumour, config.target_sensitivity)
+    for_target = 0.5 if config.target_sensitivity is None else threshold_for_sensitivity(score, is_tumour, config.target_sensitivity)
+    threshold = for_target
     if config.specificity_floor is not None and (~is_tumour).any():
-        threshold = max(threshold, threshold_for_specificity(score, is_tumour, config.specificity_floor))
-    return threshold
+        threshold = max(for_target, threshold_for_specificity(score, is_tumour, config.specificity_floor))
+    point = {"operating_threshold": threshold, "threshold_for_target_sensitivity": for_target}
+    if is_tumour.any():
+        point["val_sensitivity_at_threshold"] = float((score[is_tumour] >= threshold).mean())
+    if (~is_tumour).any():
+        point["val_specificity_at_threshold"] = float((score[~is_tumour] < threshold).mean())
+    if threshold > for_target:
+        print(
+            f"operating threshold raised from {for_target:.3f} (train.target_sensitivity) to {threshold:.3f} by "
+            f"train.specificity_floor {config.specificity_floor}: validation sensitivity there "
+            f"{point.get('val_sensitivity_at_threshold', float('nan')):.3f}",
+            flush=True,
+        )
+    return point
 
 
 def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash: str, epochs: int, calibration: dict[str, float]) -> dict:
@@ -498,8 +509,8 @@ def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash:
     print(
         f"trained {epochs} epochs; temperature {calibration['calibration_temperature']:.2f} (val ECE "
         f"{calibration['val_ece_uncalibrated']:.3f} -> {calibration['val_ece_calibrated']:.3f}), operating threshold "
-        f"{calibration['operating_threshold']:.3f} (validation sensitivity {calibration['val_sensitivity_at_threshold']:.3f}, "
-        f"specificity {calibration['val_specificity_at_threshold']:.3f}); MLflow run {run_id}"
+        f"{calibration['operating_threshold']:.3f} (validation sensitivity {calibration.get('val_sensitivity_at_threshold', float('nan')):.3f}, "
+        f"specificity {calibration.get('val_specificity_at_threshold', float('nan')):.3f}); MLflow run {run_id}"
     )
     return extra
 

@@ -34,11 +34,15 @@ def test_fold_roles_test_one_fold_and_validate_on_a_grouped_part_of_the_next():
         {"subject": subjects, "label": np.tile(["tumor", "notumor"], 40), "duplicate_group": [f"u{i}" for i in range(80)]}
     )
     fold = quality.folds_of(manifest, folds=5, seed=0)
+    first, second = manifest.loc[fold == 0, "subject"].unique()[:2]  # a near-duplicate links two patients of the next fold
+    manifest.loc[manifest.index[manifest["subject"] == first][0], "duplicate_group"] = "shared"
+    manifest.loc[manifest.index[manifest["subject"] == second][0], "duplicate_group"] = "shared"
     whole = quality.fold_roles(manifest, fold, k=4, val_parts=1, seed=0)
     assert (whole == "test").sum() == (fold == 4).sum() and set(np.flatnonzero(whole == "val")) == set(np.flatnonzero(fold == 0))
     half = quality.fold_roles(manifest, fold, k=4, val_parts=2, seed=0)
     assert (half == "test").tolist() == (whole == "test").tolist(), "the same test fold"
     validating = manifest.loc[half == "val"]
-    assert validating["subject"].nunique() == manifest.loc[fold == 0, "subject"].nunique() // 2
+    assert 0 < validating["subject"].nunique() < manifest.loc[fold == 0, "subject"].nunique(), "a part of the next fold"
     assert set(validating["label"]) == {"tumor", "notumor"} and (fold[half == "val"] == 0).all()
     assert not set(validating["subject"]) & set(manifest.loc[half == "train", "subject"]), "no patient in two roles"
+    assert (half[manifest["subject"] == first][0] == half[manifest["subject"] == second]).all(), "linked patients: one role"

@@ -75,6 +75,10 @@ def test_specificity_floor_threshold_lets_through_only_the_allowed_alarms():
     threshold = threshold_for_specificity(scores, is_tumour, floor=0.8)  # 6 negatives: one alarm allowed
     assert 0.3 < threshold <= 0.31 and ((scores >= threshold) & ~is_tumour).sum() == 1
     assert threshold_for_specificity(scores, is_tumour, floor=0.99) > 0.95, "no alarm allowed: above the highest negative"
+    tens = np.r_[np.full(10, 0.5, np.float32), np.linspace(0.1, 0.4, 10, dtype=np.float32)]  # float32, as the model's
+    tied = threshold_for_specificity(tens, np.zeros(20, bool), floor=0.9)  # (1 - 0.9) * 20 rounds just under 2
+    assert (tens >= tied).sum() == 0, "ten tied at the cut: all or none, and two alarms cannot be had"
+    assert threshold_for_specificity(np.r_[tens[10:], 1, 1], np.zeros(12, bool), floor=0.95) < 1, "confident alarms: still below 1"
 
 
 def test_temperature_scaling_lowers_the_calibration_error_of_an_overconfident_model():

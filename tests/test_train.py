@@ -45,16 +45,20 @@ def settings_env(monkeypatch):
 
 
 def test_the_specificity_floor_raises_a_threshold_the_sensitivity_target_set_on_one_hard_tumour():
-    from components.train import operating_threshold
+    from components.train import choose_operating_threshold
 
     rng = np.random.default_rng(3)
     negatives, tumours = rng.beta(1, 8, 200), np.r_[rng.beta(8, 1, 19), 0.02]  # one tumour slice scores like the negatives
     score, is_tumour = np.r_[negatives, tumours], np.r_[np.zeros(200, bool), np.ones(20, bool)]
-    for_sensitivity = operating_threshold(score, is_tumour, TrainConfig(target_sensitivity=0.95))
-    with_floor = operating_threshold(score, is_tumour, TrainConfig(target_sensitivity=0.95, specificity_floor=0.9))
+    for_sensitivity = choose_operating_threshold(score, is_tumour, TrainConfig(target_sensitivity=0.95))["operating_threshold"]
+    with_floor = choose_operating_threshold(score, is_tumour, TrainConfig(target_sensitivity=0.95, specificity_floor=0.9))
     assert for_sensitivity == pytest.approx(0.02), "20 tumours: the Wilson bound misses none, so the hardest sets it"
-    assert (negatives < with_floor).mean() >= 0.9 > (negatives < for_sensitivity).mean()
-    assert operating_threshold(score, is_tumour, TrainConfig(specificity_floor=0.9)) == 0.5, "a floor only raises"
+    assert with_floor["threshold_for_target_sensitivity"] == for_sensitivity < with_floor["operating_threshold"]
+    assert with_floor["val_specificity_at_threshold"] >= 0.9 > (negatives < for_sensitivity).mean()
+    assert with_floor["val_sensitivity_at_threshold"] == pytest.approx(19 / 20), "the hard tumour is given up, in the open"
+    assert choose_operating_threshold(score, is_tumour, TrainConfig(specificity_floor=0.9))["operating_threshold"] == 0.5, "only raises"
+    only_negatives = choose_operating_threshold(negatives, np.zeros(200, bool), TrainConfig(target_sensitivity=0.95))
+    assert "val_sensitivity_at_threshold" not in only_negatives, "undefined, so left out rather than NaN"
 
 
 def test_one_node_trains_in_process(settings_env):
