@@ -2,7 +2,8 @@
 
 Every image of a patient (LGG) or of a near-duplicate group (Masoud, which has no patient IDs) falls in one fold.
 Per fold: test on the held-out fold; validate (calibration, operating threshold) on the next fold, or on one
-of --val-parts grouped parts of it; train on the rest (the last epoch's weights: nothing is picked on validation). It prints, per fold and as mean ± SD across folds:
+of --val-parts grouped parts of it; train on the rest (the last epoch's weights: nothing is picked on validation).
+It prints, per fold and as mean ± SD across folds:
   - multi-class accuracy at the operating threshold;
   - tumour-vs-none ROC-AUC, sensitivity and specificity at the threshold chosen on the validation fold;
   - the ROC points the targets name: sensitivity at specificity >= --specificity (and the reverse);
