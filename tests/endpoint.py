@@ -79,7 +79,12 @@ def train_tiny_model(cohort: Path, bento_home: Path, lesion_head: bool = True) -
         optimiser.step()
     classifier = Classifier(spec, net.eval())
     classifier.projection = EmbeddingProjection.fit(classifier.predict_prepared(images)[1], images=images)
-    card = {"intended_use": "test model: synthetic data only", "limitations": ["not for clinical use"], "metrics": {"accuracy": 0.5}}
+    card = {
+        "intended_use": "test model: synthetic data only",
+        "limitations": ["not for clinical use"],
+        "metrics": {"accuracy": 0.5},
+        "calibration": {"val_sensitivity_at_threshold": 0.97, "val_specificity_at_threshold": 0.9},
+    }
     identity = {"registered_model": "tumorscope-test", "model_version": "7", "run_id": "none"}
     with bentoml.models.create("tumorscope-classifier", labels=identity) as model:
         torch.save(classifier.net.state_dict(), model.path_of("model.pt"))

@@ -52,6 +52,7 @@ def test_a_clinician_uploads_a_scan_sees_the_heatmap_and_gives_feedback(endpoint
     browser.get(endpoint.url + "/")
     wait_for(browser, lambda d: d.find_element(By.ID, "model").get_attribute("data-version") == "7")
     assert "test model: synthetic data only" in browser.find_element(By.ID, "card").text
+    assert "validation sensitivity / specificity there 0.970 / 0.900" in browser.find_element(By.ID, "model").text
 
     browser.find_element(By.ID, "api-key").send_keys(endpoint.keys["full"])
     scan = next(endpoint.cohort.glob("tumor/*.png"))
