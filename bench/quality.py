@@ -91,16 +91,18 @@ def lesion_peaks(classifier, images: list[np.ndarray]) -> np.ndarray:
 
 def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: float) -> tuple[dict[str, float], pd.DataFrame]:
     """The fold's figures and its test slices' P(tumour)."""
+    from sklearn.metrics import roc_auc_score
+
     from components.config import NO_TUMOUR
     from components.evaluate import metrics_for, roc_points
     from components.imaging import read_slice
     from components.lesion_curve import lesion_curve, smallest_detected
-    from components.model import tumour_probability
+    from components.model import Classifier, tumour_probability
     from components.train import fit_classifier
 
     split = manifest.assign(split=role)
     started = time.perf_counter()
-    classifier, _ = fit_classifier(config, split[split["split"] != "test"])
+    classifier, fitted_on_validation = fit_classifier(config, split[split["split"] != "test"])
     minutes = (time.perf_counter() - started) / 60
     classifier.save(Path.cwd() / f"fold{k}")  # in the run's workspace (printed), for analyses after the run
     test = split[split["split"] == "test"]
@@ -111,17 +113,22 @@ def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: fl
     scores = test[["image_id", "subject", "label"]].assign(fold=k, p_tumour=tumour_probability(probabilities, classifier.spec))
     metrics |= roc_points(is_tumour, scores["p_tumour"].to_numpy(), specificity=level, sensitivity=level)
     if classifier.spec.lesion_head:  # how far the lesion map's strongest cell alone ranks the slices
-        from sklearn.metrics import roc_auc_score
-
         scores["lesion_peak"] = lesion_peaks(classifier, images)
         metrics["lesion_map_auc"] = float(roc_auc_score(is_tumour, scores["lesion_peak"]))
+    if classifier.spec.lesion_vote:  # the classifier head alone, on the same network: what the vote adds
+        head = Classifier(classifier.spec.model_copy(update={"lesion_vote": False}), classifier.net)
+        head_score = tumour_probability(head.predict_proba(images), head.spec)
+        scores["p_tumour_head"] = head_score
+        metrics["head_auc"] = float(roc_auc_score(is_tumour, head_score))
+        metrics["head_sens_at_spec"] = roc_points(is_tumour, head_score, specificity=level, sensitivity=level)["sens_at_spec"]
     negatives = [image for image, tumour in zip(images, is_tumour) if not tumour][:100]
     metrics["smallest_lesion_mm"] = smallest_detected(lesion_curve(classifier, negatives)) if negatives else float("nan")
     validation = split[split["split"] == "val"]
     return {
         "fold": k, "train_minutes": minutes, "test_images": len(test), "subjects": test["subject"].nunique(),
         "train_subjects": split.loc[split["split"] == "train", "subject"].nunique(), "val_subjects": validation["subject"].nunique(),
-        "operating_threshold": classifier.spec.operating_threshold, **metrics,
+        "operating_threshold": classifier.spec.operating_threshold,
+        **{name: value for name, value in fitted_on_validation.items() if name.startswith("val_") and "ece" not in name}, **metrics,
     }, scores  # fmt: skip
 
 
@@ -165,6 +172,8 @@ def main() -> None:
         "accuracy",
         "roc_auc",
         "lesion_map_auc",
+        "head_auc",
+        "head_sens_at_spec",
         "sensitivity",
         "specificity",
         "sens_at_spec",

@@ -39,6 +39,7 @@ class ModelSpec(BaseModel):
     operating_threshold: float = 0.5  # P(tumour) at or above which the answer is a tumour class
     flip_averaging: bool = False  # logits averaged over the slice and its left-right mirror
     lesion_head: bool = False  # a ResNet that also maps the lesion, trained on masks (components/lesion_net.py)
+    lesion_vote: bool = False  # P(tumour) is the mean of the classifier's and the lesion map's strongest cell's
 
     @property
     def tumour_free_index(self) -> int:
@@ -78,6 +79,28 @@ def _resnet_args(channels: list[int], blocks: list[int], norm: str) -> dict:
 def tumour_probability(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """P(any tumour) = 1 − P(no tumour): the score behind sensitivity, specificity and AUC."""
     return 1.0 - probabilities[:, spec.tumour_free_index]
+
+
+def with_lesion_vote(probabilities: np.ndarray, lesion_probability: np.ndarray, tumour_free_index: int) -> np.ndarray:
+    """Class probabilities whose P(tumour) is the mean of the classifier's and the lesion map's: two opinions from
+    one network. Where a small focus lights the map but the pooled features (which also saw the patient's other
+    slices in training) call it tumour-free, the alarm still rises. The tumour types keep their proportions."""
+    tumour = 1.0 - probabilities[:, tumour_free_index]
+    voted = (tumour + lesion_probability) / 2
+    types = len(probabilities[0]) - 1
+    scale = np.divide(voted, tumour, out=np.zeros_like(voted), where=tumour > 0)[:, None]
+    even = np.where(tumour[:, None] > 0, 0.0, voted[:, None] / max(types, 1))  # no type preferred: split evenly
+    result = probabilities * scale + even
+    result[:, tumour_free_index] = 1.0 - voted
+    return result
+
+
+def calibrated(log_probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature scaling of (log) class probabilities: softmax(log p / T). On a plain classifier this is
+    softmax(logits / T), and it applies alike after a lesion vote, so validation and the endpoint share it."""
+    from scipy.special import softmax
+
+    return softmax(log_probabilities / temperature, axis=1)
 
 
 def decide(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:
@@ -276,13 +299,25 @@ class Classifier:
         try:
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(batch)).contiguous(memory_format=torch.channels_last)
-                logits = self.net(x)
-                if self.spec.flip_averaging:  # brains are near-symmetric: the mirror is a second, free opinion
-                    logits = (logits + self.net(x.flip(-1))) / 2
-                probabilities = torch.softmax(logits / self.spec.temperature, dim=1).numpy()
+                views = (
+                    [x, x.flip(-1)] if self.spec.flip_averaging else [x]
+                )  # brains are near-symmetric: the mirror is a second, free opinion
+                outputs = [self._logits_and_lesion(view) for view in views]
+                log_probabilities = torch.log_softmax(sum(logits for logits, _ in outputs).float() / len(outputs), dim=1).numpy()
         finally:
             hook.remove()
-        return probabilities, features[0]
+        if self.spec.lesion_vote:
+            lesion = np.mean([peak for _, peak in outputs], axis=0)
+            voted = with_lesion_vote(np.exp(log_probabilities), 1 / (1 + np.exp(-lesion)), self.spec.tumour_free_index)
+            log_probabilities = np.log(np.clip(voted, 1e-12, 1.0))
+        return calibrated(log_probabilities.astype(np.float64), self.spec.temperature).astype(np.float32), features[0]
+
+    def _logits_and_lesion(self, x) -> tuple:
+        """Class logits and, for a lesion vote, each slice's strongest lesion-map logit (float64 NumPy)."""
+        if not self.spec.lesion_vote:
+            return self.net(x), None
+        logits, lesion_map = self.net.classify(x)
+        return logits, lesion_map.flatten(1).amax(1).double().numpy()
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         return decide(probabilities, self.spec)

@@ -362,6 +362,7 @@ def model_spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
         in_channels=config.in_channels,
         flip_averaging=config.flip_averaging,
         lesion_head=config.uses_masks,
+        lesion_vote=config.uses_masks and config.lesion_vote,
     )
 
 
@@ -386,12 +387,12 @@ def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
     return Classifier(spec, module.net), float(trainer.callback_metrics.get("val_auc", float("nan")))
 
 
-def fit_classifier(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
+def fit_classifier(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, dict[str, float]]:
     """``_fit``, then calibrated and thresholded on ``split``'s val rows: one fold of a cross-validation
-    (bench/quality.py), answering as a trained model does."""
-    classifier, auc = _fit(config, split)
-    _fit_on_validation(classifier, split[split["split"] == "val"], config, sorted(split["label"].unique()))
-    return classifier, auc
+    (bench/quality.py), answering as a trained model does. Also what was fitted on validation, with the figures
+    there (temperature, thresholds, sensitivity and specificity at the threshold, ECE)."""
+    classifier, _ = _fit(config, split)
+    return classifier, _fit_on_validation(classifier, split[split["split"] == "val"], config, sorted(split["label"].unique()))
 
 
 def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
@@ -443,22 +444,24 @@ def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config:
     """What is fitted on validation images (seen neither in training nor in the test): the embedding summary's PCA,
     the softmax temperature (calibration) and the operating threshold (``choose_operating_threshold``)."""
     from components.dataset import prepared_images
-    from components.model import EmbeddingProjection, expected_calibration_error, fit_temperature
+    from components.model import EmbeddingProjection, expected_calibration_error, fit_temperature, tumour_probability
 
     images = prepared_images(validation, config.image_size, channels=config.in_channels)
-    parts = [classifier.predict_prepared(images[start : start + 256]) for start in range(0, len(images), 256)]
-    probabilities, features = np.concatenate([p for p, _ in parts]), np.concatenate([f for _, f in parts])
+
+    def predicted() -> tuple[np.ndarray, np.ndarray]:
+        parts = [classifier.predict_prepared(images[start : start + 256]) for start in range(0, len(images), 256)]
+        return np.concatenate([p for p, _ in parts]), np.concatenate([f for _, f in parts])
+
+    spec = classifier.spec
+    spec.temperature = 1.0
+    probabilities, features = predicted()
     classifier.projection = EmbeddingProjection.fit(features, images=images)
     labels = validation["label"].map({label: i for i, label in enumerate(classes)}).to_numpy()
-    log_probabilities = np.log(np.clip(probabilities, 1e-12, 1))
-    temperature = fit_temperature(log_probabilities, labels)
-    calibrated = np.exp(log_probabilities / temperature)
-    calibrated /= calibrated.sum(axis=1, keepdims=True)
-    spec = classifier.spec
+    temperature = fit_temperature(np.log(np.clip(probabilities, 1e-12, 1)), labels)
     spec.temperature = temperature
+    calibrated = predicted()[0]  # the scores the endpoint computes, so the threshold sits where it will be compared
     is_tumour = labels != spec.tumour_free_index
-    score = 1 - calibrated[:, spec.tumour_free_index]
-    operating_point = choose_operating_threshold(score, is_tumour, config)
+    operating_point = choose_operating_threshold(tumour_probability(calibrated, spec), is_tumour, config)
     spec.operating_threshold = operating_point["operating_threshold"]
     return {
         "calibration_temperature": temperature,

@@ -121,3 +121,43 @@ def test_a_three_sequence_model_answers_colour_and_gray_slices_and_flip_averagin
     np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-5)  # a slice and its mirror: one answer
     plain = Classifier(spec.model_copy(update={"flip_averaging": False}), classifier.net)
     assert not np.allclose(plain.predict_proba([colour])[0], plain.predict_proba([colour[:, ::-1]])[0], atol=1e-5)
+
+
+def test_a_lesion_vote_averages_p_tumour_and_keeps_the_tumour_types_proportions():
+    from components.model import with_lesion_vote
+
+    probabilities = np.array([[0.2, 0.6, 0.2], [0.0, 1.0, 0.0], [0.3, 0.1, 0.6]])  # glioma, notumor, pituitary
+    voted = with_lesion_vote(probabilities, np.array([0.9, 0.5, 0.0]), tumour_free_index=1)
+    np.testing.assert_allclose(1 - voted[:, 1], [0.65, 0.25, 0.45])
+    np.testing.assert_allclose(voted.sum(1), 1)
+    assert voted[0, 0] == pytest.approx(voted[0, 2]) and voted[2, 2] == pytest.approx(2 * voted[2, 0])
+    np.testing.assert_allclose(voted[1], [0.125, 0.75, 0.125])  # a map-only alarm: no type preferred
+
+
+def test_a_voting_lesion_model_serves_the_vote_then_its_temperature():
+    import torch
+
+    torch.manual_seed(3)
+    spec = ModelSpec(
+        network="resnet",
+        image_size=32,
+        channels=[8, 8, 16, 16],
+        blocks=[1, 1, 1, 1],
+        classes=["notumor", "tumor"],
+        norm="group",
+        lesion_head=True,
+    )
+    net = build_network(spec).eval()
+    images = np.random.default_rng(0).random((6, 1, 32, 32)).astype(np.float32)
+    with torch.inference_mode():
+        logits, lesion_map = net.classify(torch.from_numpy(images))
+    head = torch.softmax(logits, 1)[:, 1].numpy()
+    lesion = torch.sigmoid(lesion_map.flatten(1).amax(1)).numpy()
+    voting = Classifier(spec.model_copy(update={"lesion_vote": True}), net)
+    np.testing.assert_allclose(voting.predict_prepared(images)[0][:, 1], (head + lesion) / 2, atol=1e-5)
+    np.testing.assert_allclose(Classifier(spec, net).predict_prepared(images)[0][:, 1], head, atol=1e-5)
+    voted = np.stack([1 - (head + lesion) / 2, (head + lesion) / 2], axis=1)
+    hot = Classifier(spec.model_copy(update={"lesion_vote": True, "temperature": 2.0}), net).predict_prepared(images)[0]
+    np.testing.assert_allclose(hot, torch.softmax(torch.log(torch.from_numpy(voted)) / 2, 1).numpy(), atol=1e-5)
+    plain_hot = Classifier(spec.model_copy(update={"temperature": 2.0}), net).predict_prepared(images)[0]
+    np.testing.assert_allclose(plain_hot, torch.softmax(logits / 2, 1).numpy(), atol=1e-5)  # softmax(logits / T), as before

@@ -239,15 +239,21 @@ def test_a_lesion_map_learnt_from_masks_finds_the_lesion(tmp_path, monkeypatch):
 
     from components.dataset import prepared_images, prepared_masks
     from components.model import tumour_probability
-    from components.train import fit_classifier
+    from components.train import choose_operating_threshold, fit_classifier
 
     monkeypatch.chdir(tmp_path)
     split = _toy_split(tmp_path, masks=True)
     config = TrainConfig(
-        image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=20, batch_size=8, mixup=0.2, mask_weight=1.0, threads=1
+        image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=20, batch_size=8, mixup=0.2, mask_weight=1.0,
+        lesion_vote=True, target_sensitivity=0.9, threads=1,
     )  # fmt: skip
-    classifier, _ = fit_classifier(config, split[split["split"] != "test"])
-    assert classifier.spec.lesion_head
+    classifier, fitted = fit_classifier(config, split[split["split"] != "test"])
+    assert classifier.spec.lesion_head and classifier.spec.lesion_vote
+    validation = split[split["split"] == "val"]
+    served = tumour_probability(classifier.predict_prepared(prepared_images(validation, 32, channels=3))[0], classifier.spec)
+    is_tumour = (validation["label"] == "tumor").to_numpy()
+    point = choose_operating_threshold(served, is_tumour, config)
+    assert point == {name: fitted[name] for name in point}, "chosen on the scores the endpoint computes (vote and temperature included)"
     test = split[(split["split"] == "test") & (split["label"] == "tumor")]
     images = prepared_images(split[split["split"] == "test"], 32, channels=3)
     scores = tumour_probability(classifier.predict_prepared(images)[0], classifier.spec)
