@@ -206,10 +206,16 @@ def where_masks_exist(config: TrainConfig, split: pd.DataFrame) -> TrainConfig:
     return config.model_copy(update={"mask_weight": 0.0})
 
 
+# Params read only after the last epoch (how the trained network answers): a killed run whose user changed only
+# these still resumes, and they apply to the finished network.
+AFTER_TRAINING = {"target_sensitivity", "specificity_floor", "flip_averaging", "lesion_vote"}
+
+
 def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
     """One folder per (training params, data version): a rerun with both unchanged resumes there. It lies
     outside the stage's outputs, which DVC deletes before a rerun."""
-    identity = json.dumps({**config.model_dump(mode="json", exclude={"threads", "resume"}), "data": data_hash}, sort_keys=True)
+    excluded = {"threads", "resume", *AFTER_TRAINING}
+    identity = json.dumps({**config.model_dump(mode="json", exclude=excluded), "data": data_hash}, sort_keys=True)
     return config.checkpoint_root / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 

@@ -325,3 +325,15 @@ def test_the_moving_average_ramps_up_to_its_decay():
     weight.weight.data.fill_(0.0)
     average.update_parameters(weight)
     assert average.module.weight.item() == pytest.approx(0.9, abs=1e-6), "later the decay caps the rate"
+
+
+def test_a_killed_run_resumes_when_only_how_the_finished_network_answers_changed(tmp_path):
+    from components.train import checkpoint_folder
+
+    config = TrainConfig(checkpoint_root=tmp_path, target_sensitivity=0.95)
+    answering = config.model_copy(
+        update={"target_sensitivity": 0.99, "specificity_floor": 0.9, "flip_averaging": True, "lesion_vote": True}
+    )
+    assert checkpoint_folder(answering, "d1") == checkpoint_folder(config, "d1")
+    assert checkpoint_folder(config.model_copy(update={"learning_rate": 0.01}), "d1") != checkpoint_folder(config, "d1")
+    assert checkpoint_folder(config, "d2") != checkpoint_folder(config, "d1")
