@@ -19,6 +19,15 @@ os.environ.update(OFFLINE_ENV)
 TOOL_HOMES = ("PREFECT_HOME", "BENTOML_HOME", "MLFLOW_TRACKING_URI", "TUMORSCOPE_PREDICTION_LOG", "PREFECT_API_URL")
 
 
+# The pipeline's reports at test size: one classical model, few resamples and explanations. The end-to-end tests
+# are about the path (stages, tools, registry, serving); tests/test_classical.py, test_evaluate.py and
+# test_explain_report.py cover the reports themselves.
+QUICK_REPORTS = {
+    "classical": {"models": ["logistic_regression"], "bootstrap_resamples": 0},
+    "evaluate": {"bootstrap_resamples": 100, "lesion_curve_slices": 20, "explain_tumours": 2},
+}
+
+
 def workspace_env(root: Path) -> dict[str, str]:
     """The environment a user has in ``root``: tool homes inside it, the venv on PATH."""
     import sys

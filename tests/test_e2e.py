@@ -15,11 +15,11 @@ import httpx
 import pandas as pd
 import pytest
 
-from tests.conftest import make_workspace, workspace_env
+from tests.conftest import QUICK_REPORTS, make_workspace, workspace_env
 
 pytestmark = pytest.mark.slow
 
-TINY = {
+TINY = QUICK_REPORTS | {
     "synth": {"subjects": 60, "slices_per_subject": 2, "image_size": 64},
     "split": {"test_fraction": 0.3},  # a reference of ~36 test images for monitoring
     "train": {"image_size": 48, "epochs": 2, "batch_size": 16, "channels": [8, 16, 32, 32], "patience": 2},

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.conftest import make_workspace, workspace_env
+from tests.conftest import QUICK_REPORTS, make_workspace, workspace_env
 from tests.dicom_fixtures import PHI, fixed_uid, write_series
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def _identifiers() -> list[str]:
 
 def test_no_identifier_reaches_any_output_of_a_run_on_identifier_bearing_dicoms(tmp_path: Path):
     source = _dicom_export(tmp_path / "hospital-export")
-    params = {
+    params = QUICK_REPORTS | {
         "ingest": {"source": str(source), "format": "dicom", "volume": {"spacing": [0.3125, 0.3125, 2.0], "slices_take_volume_label": True}},
         "validate": {"min_images": 10, "min_image_side": 16},
         "split": {"folds": 0, "val_fraction": 0.2, "test_fraction": 0.2},

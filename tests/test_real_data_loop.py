@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import make_workspace, shared_data, workspace_env
+from tests.conftest import QUICK_REPORTS, make_workspace, shared_data, workspace_env
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
 HELD_BACK = 8  # of 40 patients
@@ -58,14 +58,11 @@ def test_held_back_lgg_patients_go_through_serving_feedback_monitoring_and_retra
     from flows.demo import send, serve
 
     training, new_site = _split_patients(shared_data("lgg-kaggle_3m/kaggle_3m"), tmp_path)
-    params = {
+    params = QUICK_REPORTS | {
         "ingest": {"source": str(training), "format": "lgg"},
         "split": {"folds": 0},
         "features": {"image_size": 64},
-        # the loop is the subject: one classical model, few bootstrap resamples and explanations (the pipeline runs twice)
-        "classical": {"models": ["logistic_regression"], "bootstrap_resamples": 0},
         "train": {"image_size": 64, "epochs": 2, "batch_size": 32, "channels": [8, 16, 32, 32], "patience": 2},
-        "evaluate": {"bootstrap_resamples": 100, "lesion_curve_slices": 20, "explain_tumours": 2},
         "register": {"model_name": "tumorscope-lgg-loop", "min_accuracy": 0, "min_sensitivity": 0, "min_specificity": 0, "min_auc": 0,
                      "min_subgroup_sensitivity": 0, "tolerance": 1.0},
         "monitor": {"min_samples": 30, "min_feedback": 20},
