@@ -299,9 +299,8 @@ class Classifier:
         try:
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(batch)).contiguous(memory_format=torch.channels_last)
-                views = (
-                    [x, x.flip(-1)] if self.spec.flip_averaging else [x]
-                )  # brains are near-symmetric: the mirror is a second, free opinion
+                # brains are near-symmetric: the mirror is a second, free opinion
+                views = [x, x.flip(-1)] if self.spec.flip_averaging else [x]
                 outputs = [self._logits_and_lesion(view) for view in views]
                 log_probabilities = torch.log_softmax(sum(logits for logits, _ in outputs).float() / len(outputs), dim=1).numpy()
         finally:
