@@ -89,6 +89,9 @@ def lesion_peaks(classifier, images: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(peaks)
 
 
+VALIDATION_FIGURES = ("val_sensitivity_at_threshold", "val_specificity_at_threshold")  # where the threshold was chosen
+
+
 def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: float) -> tuple[dict[str, float], pd.DataFrame]:
     """The fold's figures and its test slices' P(tumour)."""
     from sklearn.metrics import roc_auc_score
@@ -128,7 +131,7 @@ def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: fl
         "fold": k, "train_minutes": minutes, "test_images": len(test), "subjects": test["subject"].nunique(),
         "train_subjects": split.loc[split["split"] == "train", "subject"].nunique(), "val_subjects": validation["subject"].nunique(),
         "operating_threshold": classifier.spec.operating_threshold,
-        **{name: value for name, value in fitted_on_validation.items() if name.startswith("val_") and "ece" not in name}, **metrics,
+        **{name: fitted_on_validation[name] for name in VALIDATION_FIGURES if name in fitted_on_validation}, **metrics,
     }, scores  # fmt: skip
 
 

@@ -306,8 +306,10 @@ class Classifier:
         finally:
             hook.remove()
         if self.spec.lesion_vote:
+            from scipy.special import expit
+
             lesion = np.mean([peak for _, peak in outputs], axis=0)
-            voted = with_lesion_vote(np.exp(log_probabilities), 1 / (1 + np.exp(-lesion)), self.spec.tumour_free_index)
+            voted = with_lesion_vote(np.exp(log_probabilities), expit(lesion), self.spec.tumour_free_index)
             log_probabilities = np.log(np.clip(voted, 1e-12, 1.0))
         return calibrated(log_probabilities.astype(np.float64), self.spec.temperature).astype(np.float32), features[0]
 
