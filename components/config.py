@@ -166,6 +166,8 @@ class TrainConfig(Section):
             raise ValueError(f"channels and blocks need one entry per ResNet stage (4), got {len(self.channels)} and {len(self.blocks)}")
         if self.mask_weight > 0 and self.network != "resnet":
             raise ValueError(f"mask_weight (a lesion map head) needs network 'resnet', not '{self.network}'")
+        if self.lesion_vote and self.mask_weight == 0:
+            raise ValueError("lesion_vote averages in the lesion map's opinion: it needs mask_weight > 0 (a lesion map head)")
         return self
 
     @property

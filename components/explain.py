@@ -264,13 +264,13 @@ def occlusion(
     """Occlusion sensitivity (S, S) float32 in [0, 1]: how much the target class's probability drops when a
     ``patch``² square around a pixel is replaced by the image's mean, averaged over the patches covering it.
 
-    Probabilities are the calibrated ones the service reports (``spec.temperature``). Values are absolute
+    Probabilities are exactly those the service reports (:meth:`Classifier.predict_prepared`: the mirror
+    average, the lesion vote and the temperature where the model has them), so the map explains the served
+    score, not the classifier head alone. Values are absolute
     probability drops (rises count as 0) and are *not* rescaled: a map that is nearly 0
     everywhere honestly says that no single region carries the decision. Defaults: ``patch`` = S/8 (at least
     3 px), ``stride`` = patch/2; the occluded copies go through the network ``batch_size`` at a time, read-only.
     """
-    import torch
-
     batch = _prepared(classifier, image)
     size = batch.shape[-1]
     patch = max(3, size // 8) if patch is None else int(patch)
@@ -280,12 +280,7 @@ def occlusion(
     fill = batch[0].mean(axis=(1, 2))[:, None, None]  # each channel's own mean
     windows = [(r, c) for r in _window_starts(size, patch, stride) for c in _window_starts(size, patch, stride)]
 
-    def probabilities(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(images)).contiguous(memory_format=torch.channels_last)
-            return torch.softmax(classifier.net(x) / classifier.spec.temperature, dim=1).numpy()  # as served
-
-    reference = probabilities(batch)[0]
+    reference = classifier.predict_prepared(batch)[0][0]
     index = target_class(reference, classifier.spec, class_index)
     drops = np.empty(len(windows))
     for start in range(0, len(windows), batch_size):
@@ -293,7 +288,7 @@ def occlusion(
         occluded = np.repeat(batch, len(chunk), axis=0)
         for k, (r, c) in enumerate(chunk):
             occluded[k, :, r : r + patch, c : c + patch] = fill
-        drops[start : start + len(chunk)] = reference[index] - probabilities(occluded)[:, index]
+        drops[start : start + len(chunk)] = reference[index] - classifier.predict_prepared(occluded)[0][:, index]
     total, coverage = np.zeros((size, size)), np.zeros((size, size))
     for (r, c), drop in zip(windows, np.clip(drops, 0.0, 1.0)):
         total[r : r + patch, c : c + patch] += drop

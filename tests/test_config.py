@@ -40,3 +40,12 @@ def test_mismatched_network_stages_are_refused(tmp_path: Path):
     bad.write_text("train:\n  channels: [8, 16]\n  blocks: [1, 1, 1]\n")
     with pytest.raises(TumorScopeError, match="4"):
         load_params(bad)
+
+
+def test_a_lesion_vote_without_a_lesion_map_is_refused(tmp_path: Path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  lesion_vote: true\n  mask_weight: 0\n")
+    with pytest.raises(TumorScopeError, match="lesion_vote.*mask_weight > 0"):
+        load_params(bad)
+    bad.write_text("train:\n  lesion_vote: true\n  mask_weight: 0.5\n")
+    assert load_params(bad).train.lesion_vote

@@ -308,6 +308,23 @@ def test_occlusion_measures_the_served_calibrated_probability(resnet):
     assert not np.allclose(plain, calibrated)
 
 
+def test_occlusion_explains_the_voted_mirrored_score_the_service_reports():
+    import torch
+
+    served = {"lesion_head": True, "lesion_vote": True, "flip_averaging": True, "temperature": 1.5}
+    classifier = small_classifier("resnet", 32, classes=["notumor", "tumor"], seed=2, **served)
+    image = raw_slices(1, seed=6)[0]
+    batch = classifier.batch([image])
+    hidden = np.broadcast_to(batch.mean(axis=(2, 3), keepdims=True), batch.shape).copy()  # one patch hides everything
+    served_drop = classifier.predict_prepared(batch)[0][0] - classifier.predict_prepared(hidden)[0][0]
+    index = int(np.argmax(served_drop))
+    heatmap = explain.occlusion(classifier, image, class_index=index, patch=32, stride=32)
+    np.testing.assert_allclose(heatmap, served_drop[index], atol=1e-5)
+    with torch.inference_mode():
+        head = [torch.softmax(classifier.net(torch.from_numpy(x)) / 1.5, 1)[0, index].item() for x in (batch, hidden)]
+    assert abs((head[0] - head[1]) - served_drop[index]) > 1e-3  # the classifier head alone would say otherwise
+
+
 # --- overlays and figures ---------------------------------------------------------------------------------
 
 
