@@ -136,6 +136,7 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.0, ge=0, lt=1)  # > 0: the model is the exponential moving average of its weights (per step)
     mask_weight: float = Field(0.0, ge=0)  # > 0: a ResNet that also maps the lesion, its loss weighted so (needs masks)
     lesion_vote: bool = False  # with a lesion map: P(tumour) averages the classifier's and the map's strongest cell's
+    members: int = Field(1, ge=1)  # > 1: an ensemble of networks from seeds seed, seed + 1, …, sharing max_minutes
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     max_minutes: float | None = Field(None, gt=0)  # a hard cap on training time (Lightning's max_time)
     flip_averaging: bool = False  # predictions average the slice and its left-right mirror (test-time augmentation)

@@ -214,6 +214,8 @@ def gradcam(classifier: Classifier, image: np.ndarray, class_index: int | None =
     import torch
     from monai.visualize import GradCAM
 
+    if classifier.spec.members > 1:
+        return _ensemble_gradcam(classifier, image, class_index, layer)
     stage = _stage(classifier.spec, layer or target_layer(classifier.spec))
     batch = _prepared(classifier, image)
     net = _private_net(classifier.net, classifier.spec)
@@ -227,6 +229,14 @@ def gradcam(classifier: Classifier, image: np.ndarray, class_index: int | None =
     heatmap = np.nan_to_num(np.clip(heatmap, 0.0, None))
     peak = heatmap.max()
     return (heatmap / peak if peak > 0 else np.zeros_like(heatmap)).astype(np.float32)
+
+
+def _ensemble_gradcam(classifier: Classifier, image: np.ndarray, class_index: int | None, layer: str | None) -> np.ndarray:
+    """The mean of the members' Grad-CAMs for the class the ensemble explains, scaled to a maximum of 1."""
+    index = target_class(classifier.predict_prepared(_prepared(classifier, image))[0][0], classifier.spec, class_index)
+    heatmap = np.mean([gradcam(member, image, index, layer) for member in classifier.members()], axis=0)
+    peak = heatmap.max()
+    return (heatmap / peak if peak > 0 else heatmap).astype(np.float32)
 
 
 def lesion_map(classifier: Classifier, image: np.ndarray) -> np.ndarray:

@@ -40,14 +40,24 @@ class ModelSpec(BaseModel):
     flip_averaging: bool = False  # logits averaged over the slice and its left-right mirror
     lesion_head: bool = False  # a ResNet that also maps the lesion, trained on masks (components/lesion_net.py)
     lesion_vote: bool = False  # P(tumour) is the mean of the classifier's and the lesion map's strongest cell's
+    members: int = 1  # > 1: that many networks of this spec, their probabilities averaged (components/ensemble_net.py)
 
     @property
     def tumour_free_index(self) -> int:
         return self.classes.index(NO_TUMOUR)
 
+    @property
+    def member(self) -> ModelSpec:
+        """The spec of one network of an ensemble."""
+        return self.model_copy(update={"members": 1})
+
 
 def build_network(spec: ModelSpec):
     """A MONAI 2D classifier trained from scratch (no pretrained weights can be downloaded here)."""
+    if spec.members > 1:
+        from components.ensemble_net import Ensemble
+
+        return Ensemble([build_network(spec.member) for _ in range(spec.members)])
     if spec.lesion_head:
         from components.lesion_net import LesionResNet
 
@@ -232,10 +242,12 @@ def image_descriptors(images: np.ndarray) -> np.ndarray:
     return np.stack([(flat > 0.05).mean(axis=(1, 2)), np.median(flat.reshape(len(flat), -1), axis=1), roughness], axis=1)
 
 
-def _last_linear(net):
+def _feature_layers(net) -> list:
+    """The last linear layer of the network, or of each network of an ensemble: its input is the features."""
     import torch
 
-    return [module for module in net.modules() if isinstance(module, torch.nn.Linear)][-1]
+    members = getattr(net, "members", [net])
+    return [[module for module in member.modules() if isinstance(module, torch.nn.Linear)][-1] for member in members]
 
 
 class Classifier:
@@ -276,6 +288,12 @@ class Classifier:
         if self.projection is not None:
             (folder / EMBEDDING_FILE).write_text(self.projection.model_dump_json())
 
+    def members(self) -> list[Classifier]:
+        """Each network of an ensemble as a classifier of its own (Grad-CAM explains them one by one); else itself."""
+        if self.spec.members == 1:
+            return [self]
+        return [Classifier(self.spec.member, member) for member in self.net.members]
+
     def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Model input (N, C, S, S) from raw slices (gray or colour), prepared as in training."""
         return np.stack([model_input(image, self.spec.image_size, self.spec.in_channels) for image in images])
@@ -294,8 +312,12 @@ class Classifier:
         """Probabilities and penultimate features of model input that is already prepared, (N, 1, S, S)."""
         import torch
 
-        features = []
-        hook = _last_linear(self.net).register_forward_hook(lambda _, inputs, __: features.append(inputs[0].detach().numpy()))
+        layers = _feature_layers(self.net)
+        features: list[list[np.ndarray]] = [[] for _ in layers]
+        hooks = [
+            layer.register_forward_hook(lambda _, inputs, __, seen=seen: seen.append(inputs[0].detach().numpy()))
+            for layer, seen in zip(layers, features)
+        ]
         try:
             with torch.inference_mode():
                 x = torch.from_numpy(np.ascontiguousarray(batch)).contiguous(memory_format=torch.channels_last)
@@ -304,14 +326,16 @@ class Classifier:
                 outputs = [self._logits_and_lesion(view) for view in views]
                 log_probabilities = torch.log_softmax(sum(logits for logits, _ in outputs).float() / len(outputs), dim=1).numpy()
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         if self.spec.lesion_vote:
             from scipy.special import expit
 
             lesion = np.mean([peak for _, peak in outputs], axis=0)
             voted = with_lesion_vote(np.exp(log_probabilities), expit(lesion), self.spec.tumour_free_index)
             log_probabilities = np.log(np.clip(voted, 1e-12, 1.0))
-        return calibrated(log_probabilities.astype(np.float64), self.spec.temperature).astype(np.float32), features[0]
+        unmirrored = np.concatenate([seen[0] for seen in features], axis=1)  # each member's features, side by side
+        return calibrated(log_probabilities.astype(np.float64), self.spec.temperature).astype(np.float32), unmirrored
 
     def _logits_and_lesion(self, x) -> tuple:
         """Class logits and, for a lesion vote, each slice's strongest lesion-map logit (float64 NumPy)."""

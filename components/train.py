@@ -2,7 +2,9 @@
 
 One MLflow run per job (only global rank 0 creates and logs it, also under DDP):
 params, the data hash, per-epoch metrics, the best weights as an MLflow PyTorch
-model, and the model spec. ``models/`` receives ``model.pt`` + ``model.json``
+model, and the model spec. With ``train.members`` > 1 the job trains that many
+networks one after another and ships their ensemble (each network's metrics
+under its own prefix; a killed job keeps the networks it finished). ``models/`` receives ``model.pt`` + ``model.json``
 for the later stages.
 """
 
@@ -36,7 +38,7 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray):
+def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray, label: str = ""):
     import lightning as L
     import torch
     from sklearn.metrics import roc_auc_score
@@ -120,7 +122,7 @@ def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray):
             train_loss = float(np.mean(self._train_losses)) if self._train_losses else float("nan")
             self._train_losses.clear()
             shown = ", ".join(f"{k} {v:.4f}" for k, v in {"train_loss": train_loss, **epoch}.items())
-            print(f"epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: {shown}", flush=True)
+            print(f"{label}epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: {shown}", flush=True)
 
         def configure_optimizers(self):
             return one_cycle(self, config.effective_learning_rate, config.weight_decay)
@@ -369,28 +371,56 @@ def model_spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
         flip_averaging=config.flip_averaging,
         lesion_head=config.uses_masks,
         lesion_vote=config.uses_masks and config.lesion_vote,
+        members=config.members,
     )
 
 
+def member_configs(config: TrainConfig) -> list[TrainConfig]:
+    """One config per network of an ensemble (``train.members``): seeds seed, seed + 1, …, and an equal share of
+    ``max_minutes`` each, so an ensemble keeps the time budget of one network."""
+    if config.members == 1:
+        return [config]
+    minutes = config.max_minutes / config.members if config.max_minutes else None
+    return [config.model_copy(update={"seed": config.seed + k, "max_minutes": minutes, "members": 1}) for k in range(config.members)]
+
+
+def one_network(nets: list):
+    """The trained network, or the ensemble of the trained networks."""
+    if len(nets) == 1:
+        return nets[0]
+    from components.ensemble_net import Ensemble
+
+    return Ensemble(nets)
+
+
 def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
-    """Fit on ``split``'s train rows; the classifier and the last epoch's validation ROC-AUC (tumour vs none).
-    Nothing is logged, checkpointed or saved."""
+    """Fit on ``split``'s train rows; the classifier and the last epoch's validation ROC-AUC (tumour vs none; of
+    the last network of an ensemble). Nothing is logged, checkpointed or saved."""
     import lightning as L
     import torch
 
     quiet_lightning()
     torch.set_num_threads(config.threads)
-    L.seed_everything(config.seed, workers=True, verbose=False)
     config = where_masks_exist(config, split)
     classes = sorted(split["label"].unique())
     spec = model_spec(config, classes)
-    module = lightning_module(spec, config, class_weights(split.loc[split["split"] == "train", "label"], classes))
-    trainer = L.Trainer(
-        **_budget(config), accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=weight_averaging(config),
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data_module(split, config, classes))
-    return Classifier(spec, module.net), float(trainer.callback_metrics.get("val_auc", float("nan")))
+    weights = class_weights(split.loc[split["split"] == "train", "label"], classes)
+    nets, auc = [], float("nan")
+    for k, member in enumerate(member_configs(config)):
+        L.seed_everything(member.seed, workers=True, verbose=False)
+        module = lightning_module(spec.member, member, weights, _member_label(k, config.members))
+        trainer = L.Trainer(
+            **_budget(member), accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=weight_averaging(member),
+        )  # fmt: skip
+        trainer.fit(module, datamodule=data_module(split, member, classes))
+        nets.append(module.net)
+        auc = float(trainer.callback_metrics.get("val_auc", float("nan")))
+    return Classifier(spec, one_network(nets)), auc
+
+
+def _member_label(k: int, members: int) -> str:
+    return f"member {k + 1}/{members}: " if members > 1 else ""
 
 
 def fit_classifier(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, dict[str, float]]:
@@ -406,44 +436,81 @@ def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
     return _fit(config, split)[1]
 
 
+FINISHED = "finished.pt"  # in a network's checkpoint folder: its best weights, once its training ended
+
+
 def run(config: TrainConfig) -> dict:
-    import lightning as L
     import torch
-    from lightning.pytorch.loggers import MLFlowLogger
 
     if not config.split.exists():
         raise DataError(config.split, "split not found: run the split stage first")
     quiet_lightning()
     torch.set_num_threads(config.threads)
-    L.seed_everything(config.seed, workers=True, verbose=False)
     split = pd.read_csv(config.split)
     config = where_masks_exist(config, split)
     classes = sorted(split["label"].unique())
     spec = model_spec(config, classes)
-    data = data_module(split, config, classes)
-    module = lightning_module(spec, config, class_weights(split.loc[split["split"] == "train", "label"], classes))
-    if config.init_weights is not None:
-        print(load_initial_weights(module.net, config.init_weights), flush=True)
     data_hash = file_hash(config.split)
     checkpoints = checkpoint_folder(config, data_hash)
-    last, run_file = checkpoints / "last.ckpt", checkpoints / "mlflow_run_id"
-    resume_from = _readable_checkpoint(last) if config.resume and run_file.exists() else None
-    mlflow_run = _start_mlflow_run(config, spec, data_hash, run_file.read_text() if resume_from else None) if is_global_zero() else None
+    run_file = checkpoints / "mlflow_run_id"
+    members = member_configs(config)
+    folders = [checkpoints] if len(members) == 1 else [checkpoints / f"member{k}" for k in range(len(members))]
+    resuming = config.resume and run_file.exists() and any((f / FINISHED).exists() or (f / "last.ckpt").exists() for f in folders)
+    mlflow_run = _start_mlflow_run(config, spec, data_hash, run_file.read_text() if resuming else None) if is_global_zero() else None
     if mlflow_run is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         run_file.write_text(mlflow_run.info.run_id)
-    logger = MLFlowLogger(tracking_uri=get_settings().tracking_uri, run_id=mlflow_run.info.run_id) if mlflow_run else False
-    trainer, checkpoint = _trainer(config, logger, checkpoints)
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
-    if not trainer.is_global_zero:
+    weights = class_weights(split.loc[split["split"] == "train", "label"], classes)
+    trained = [
+        _train_network(member, spec.member, split, weights, folder, mlflow_run, resuming, (k, len(members)))
+        for k, (member, folder) in enumerate(zip(members, folders))
+    ]
+    if not is_global_zero():
         return {}
-    best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
-    module.load_state_dict(best["state_dict"])
-    classifier = Classifier(spec, module.net)
+    classifier = Classifier(spec, one_network([net for net, _ in trained]))
     calibration = _fit_on_validation(classifier, split[split["split"] == "val"], config, classes)
-    published = _publish(classifier, config, mlflow_run, data_hash, trainer.current_epoch, calibration)
+    published = _publish(classifier, config, mlflow_run, data_hash, sum(epochs for _, epochs in trained), calibration)
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing to resume
     return published
+
+
+def _train_network(
+    config: TrainConfig,
+    spec: ModelSpec,
+    split: pd.DataFrame,
+    weights: np.ndarray,
+    checkpoints: Path,
+    mlflow_run,
+    resuming: bool,
+    which: tuple[int, int],
+) -> tuple:
+    """One network, trained (or resumed) with checkpoints in ``checkpoints``: its best weights on global rank 0,
+    and the epochs it trained. A network of an ensemble that finished before a kill is read back, not retrained."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    label = _member_label(*which)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    module = lightning_module(spec, config, weights, label)
+    if (checkpoints / FINISHED).exists():
+        finished = torch.load(checkpoints / FINISHED, map_location="cpu", weights_only=True)
+        module.net.load_state_dict(finished["net"])
+        print(f"{label}finished before the interruption: read back, not retrained", flush=True)
+        return module.net, int(finished["epochs"])
+    if config.init_weights is not None:
+        print(load_initial_weights(module.net, config.init_weights), flush=True)
+    resume_from = _readable_checkpoint(checkpoints / "last.ckpt") if resuming else None
+    prefix = f"member{which[0] + 1}" if which[1] > 1 else ""  # an ensemble's networks log "member1-val_loss", …
+    logger = MLFlowLogger(tracking_uri=get_settings().tracking_uri, run_id=mlflow_run.info.run_id, prefix=prefix) if mlflow_run else False
+    trainer, checkpoint = _trainer(config, logger, checkpoints)
+    trainer.fit(module, datamodule=data_module(split, config, spec.classes), ckpt_path=resume_from)
+    if not trainer.is_global_zero:
+        return module.net, trainer.current_epoch
+    best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(best["state_dict"])
+    torch.save({"net": module.net.state_dict(), "epochs": trainer.current_epoch}, checkpoints / FINISHED)
+    return module.net, trainer.current_epoch
 
 
 def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config: TrainConfig, classes: list[str]) -> dict[str, float]:

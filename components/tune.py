@@ -68,7 +68,8 @@ def run(tune: TuneConfig, train: TrainConfig, trials: int | None = None) -> dict
 
     def objective(trial) -> float:
         values = suggest(trial, tune.space)
-        config = train.model_copy(update={**values, "epochs": tune.epochs, "resume": False})
+        # a trial scores one network: an ensemble's networks would all share the values tried
+        config = train.model_copy(update={"members": 1, **values, "epochs": tune.epochs, "resume": False})
         scores = [validation_auc(config, fold_split(split, fold)) for fold in folds]
         score = float(pd.Series(scores).mean())
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):

@@ -325,6 +325,16 @@ def test_occlusion_explains_the_voted_mirrored_score_the_service_reports():
     assert abs((head[0] - head[1]) - served_drop[index]) > 1e-3  # the classifier head alone would say otherwise
 
 
+def test_grad_cam_of_an_ensemble_is_its_networks_mean_for_the_class_the_ensemble_explains():
+    ensemble = small_classifier("resnet", 48, members=2, seed=4)
+    image = raw_slices(1, seed=7)[0]
+    index = explain.target_class(ensemble.predict_proba([image])[0], ensemble.spec)
+    members = [explain.gradcam(member, image, class_index=index) for member in ensemble.members()]
+    expected = np.mean(members, axis=0) / np.mean(members, axis=0).max()
+    np.testing.assert_allclose(explain.gradcam(ensemble, image), expected, atol=1e-6)
+    assert not np.allclose(members[0], members[1])
+
+
 # --- overlays and figures ---------------------------------------------------------------------------------
 
 

@@ -161,3 +161,22 @@ def test_a_voting_lesion_model_serves_the_vote_then_its_temperature():
     np.testing.assert_allclose(hot, torch.softmax(torch.log(torch.from_numpy(voted)) / 2, 1).numpy(), atol=1e-5)
     plain_hot = Classifier(spec.model_copy(update={"temperature": 2.0}), net).predict_prepared(images)[0]
     np.testing.assert_allclose(plain_hot, torch.softmax(logits / 2, 1).numpy(), atol=1e-5)  # softmax(logits / T), as before
+
+
+def test_an_ensemble_answers_with_its_networks_mean_probability_and_travels_as_one_model(tmp_path):
+    import torch
+
+    torch.manual_seed(1)
+    spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"],
+                     norm="group", members=3)  # fmt: skip
+    ensemble = Classifier(spec, build_network(spec))
+    images = np.random.default_rng(2).random((5, 1, 32, 32)).astype(np.float32)
+    probabilities, features = ensemble.predict_prepared(images)
+    members = [member.predict_prepared(images) for member in ensemble.members()]
+    assert len(members) == 3 and not np.allclose(members[0][0], members[1][0]), "three networks, each its own"
+    np.testing.assert_allclose(probabilities, np.mean([p for p, _ in members], axis=0), atol=1e-5)
+    np.testing.assert_allclose(features, np.concatenate([f for _, f in members], axis=1))
+    ensemble.save(tmp_path / "model")
+    loaded = Classifier.load(tmp_path / "model")
+    assert loaded.spec.members == 3
+    np.testing.assert_allclose(loaded.predict_prepared(images)[0], probabilities, atol=1e-6)

@@ -100,21 +100,17 @@ def test_initial_weights_load_where_names_and_shapes_match(tmp_path):
         load_initial_weights(three_classes, tmp_path / "junk.pt")
 
 
-@pytest.mark.slow
-def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(tmp_path):
+def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path, str]:
+    """A workspace trained until a line starting with ``kill_at`` (a checkpoint is on disk then, and the kill comes
+    at once, with epochs left to train whatever the machine's speed), then trained again: the workspace and the
+    second run's output."""
     import signal
     import subprocess
     import sys
 
-    import mlflow
-
     from tests.conftest import make_workspace, workspace_env
 
-    params = {
-        "synth": {"subjects": 16, "image_size": 64},
-        "train": {"image_size": 32, "epochs": 6, "batch_size": 8, "channels": [8, 8, 8, 8], "patience": 10, "ema_decay": 0.9},
-    }  # fmt: skip  (the moving average resumes too)
-    root = make_workspace(tmp_path / "ws", params)
+    root = make_workspace(tmp_path / "ws", {"synth": {"subjects": 16, "image_size": 64}, "train": train})
     env = workspace_env(root)
     for name in ("synth", "ingest", "validate", "split"):
         assert subprocess.run([sys.executable, "-m", f"components.{name}"], cwd=root, env=env, capture_output=True).returncode == 0
@@ -122,19 +118,48 @@ def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(t
         [sys.executable, "-m", "components.train"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     for line in first.stdout:
-        if line.startswith("epoch 3/6"):  # epoch 2's checkpoint is on disk (epoch 3's may be): kill at once,
-            first.send_signal(signal.SIGKILL)  # with epochs left to train whatever the machine's speed
+        if line.startswith(kill_at):
+            first.send_signal(signal.SIGKILL)
             break
     first.wait(timeout=60)
-    assert list((root / "data" / "checkpoints").glob("*/last.ckpt")), "the killed run left its checkpoint"
+    assert list((root / "data" / "checkpoints").rglob("last.ckpt")), "the killed run left its checkpoint"
     second = subprocess.run([sys.executable, "-m", "components.train"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    assert "resuming the interrupted run from its checkpoint after epoch" in second.stdout
-    assert "epoch 1/6" not in second.stdout and "epoch 6/6" in second.stdout
+    return root, second.stdout
+
+
+def _the_one_finished_run(root: Path):
+    """The MLflow client and the id of the workspace's only training run, checked finished and cleaned up after."""
+    import mlflow
+
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one job, one MLflow run"
-    assert not list((root / "data" / "checkpoints").glob("*/last.ckpt")), "a finished run leaves nothing to resume"
+    assert not list((root / "data" / "checkpoints").iterdir()), "a finished run leaves nothing to resume"
+    return client, runs[0].info.run_id
+
+
+@pytest.mark.slow
+def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(tmp_path):
+    train = {"image_size": 32, "epochs": 6, "batch_size": 8, "channels": [8, 8, 8, 8], "patience": 10, "ema_decay": 0.9}
+    root, output = _killed_then_rerun(tmp_path, train, kill_at="epoch 3/6")  # the moving average resumes too
+    assert "resuming the interrupted run from its checkpoint after epoch" in output
+    assert "epoch 1/6" not in output and "epoch 6/6" in output
+    _the_one_finished_run(root)
+
+
+@pytest.mark.slow
+def test_an_ensemble_killed_in_its_second_network_keeps_the_first_and_is_one_run_and_one_model(tmp_path):
+    from components.model import Classifier
+
+    train = {"image_size": 32, "epochs": 3, "batch_size": 8, "channels": [8, 8, 8, 8], "patience": 10, "members": 2}
+    root, output = _killed_then_rerun(tmp_path, train, kill_at="member 2/2: epoch 2/3")
+    assert "member 1/2: finished before the interruption" in output and "member 1/2: epoch" not in output
+    assert "resuming the interrupted run" in output and "member 2/2: epoch 3/3" in output
+    client, run_id = _the_one_finished_run(root)
+    for member in ("member1", "member2"):
+        assert len(client.get_metric_history(run_id, f"{member}-val_loss")) == 3
+    assert Classifier.load(root / "models").spec.members == 2
 
 
 @pytest.mark.slow
