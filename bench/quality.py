@@ -118,12 +118,16 @@ def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: fl
     if classifier.spec.lesion_head:  # how far the lesion map's strongest cell alone ranks the slices
         scores["lesion_peak"] = lesion_peaks(classifier, images)
         metrics["lesion_map_auc"] = float(roc_auc_score(is_tumour, scores["lesion_peak"]))
-    if classifier.spec.lesion_vote:  # the classifier head alone, on the same network: what the vote adds
-        head = Classifier(classifier.spec.model_copy(update={"lesion_vote": False}), classifier.net)
-        head_score = tumour_probability(head.predict_proba(images), head.spec)
-        scores["p_tumour_head"] = head_score
-        metrics["head_auc"] = float(roc_auc_score(is_tumour, head_score))
-        metrics["head_sens_at_spec"] = roc_points(is_tumour, head_score, specificity=level, sensitivity=level)["sens_at_spec"]
+    alone = {}  # the same networks answering otherwise: what the vote and the ensemble add
+    if classifier.spec.lesion_vote:
+        alone["head"] = Classifier(classifier.spec.model_copy(update={"lesion_vote": False}), classifier.net)
+    if classifier.spec.members > 1:
+        alone |= {f"member{n}": member for n, member in enumerate(classifier.members(), 1)}
+    for name, other in alone.items():
+        score = tumour_probability(other.predict_proba(images), other.spec)
+        scores[f"p_tumour_{name}"] = score
+        metrics[f"{name}_auc"] = float(roc_auc_score(is_tumour, score))
+        metrics[f"{name}_sens_at_spec"] = roc_points(is_tumour, score, specificity=level, sensitivity=level)["sens_at_spec"]
     negatives = [image for image, tumour in zip(images, is_tumour) if not tumour][:100]
     metrics["smallest_lesion_mm"] = smallest_detected(lesion_curve(classifier, negatives)) if negatives else float("nan")
     validation = split[split["split"] == "val"]
@@ -184,6 +188,7 @@ def main() -> None:
         "smallest_lesion_mm",
         "train_minutes",
     ]
+    columns += sorted(c for c in table if c.startswith("member"))  # an ensemble's networks, each alone
     summary = table[[c for c in columns if c in table]].agg(["mean", "std", "min", "max"]).T
     print(f"\nacross {len(table)} folds (sens_at_spec: best sensitivity at specificity >= {args.specificity}; spec_at_sens: the reverse)")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
