@@ -211,12 +211,13 @@ def where_masks_exist(config: TrainConfig, split: pd.DataFrame) -> TrainConfig:
 # Params read only after the last epoch (how the trained network answers): a killed run whose user changed only
 # these still resumes, and they apply to the finished network.
 AFTER_TRAINING = {"target_sensitivity", "specificity_floor", "flip_averaging", "lesion_vote"}
+FINISHED = "finished.pt"  # in a network's checkpoint folder: its best weights, once its training ended
 
 
 def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
     """One folder per (training params, data version): a rerun with both unchanged resumes there. It lies
     outside the stage's outputs, which DVC deletes before a rerun."""
-    excluded = {"threads", "resume", *AFTER_TRAINING}
+    excluded = {"threads", "resume", *AFTER_TRAINING, *(["members"] if config.members == 1 else [])}  # as before members existed
     identity = json.dumps({**config.model_dump(mode="json", exclude=excluded), "data": data_hash}, sort_keys=True)
     return config.checkpoint_root / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
@@ -239,6 +240,19 @@ def load_initial_weights(net, path: Path) -> str:
         raise DataError(path, "no tensor matches this network: another architecture or width?")
     net.load_state_dict(matched, strict=False)
     return f"initial weights: {len(matched)} of {len(own)} tensors from {path.name}"
+
+
+def _readable_finished(checkpoints: Path) -> dict | None:
+    """The weights and epochs of a network that finished before the job was interrupted, if readable."""
+    import torch
+
+    if not (checkpoints / FINISHED).exists():
+        return None
+    try:
+        return torch.load(checkpoints / FINISHED, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises several types for a damaged file
+        print(f"{checkpoints / FINISHED} is unreadable; that network trains again", flush=True)
+        return None
 
 
 def _readable_checkpoint(last: Path) -> Path | None:
@@ -436,9 +450,6 @@ def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
     return _fit(config, split)[1]
 
 
-FINISHED = "finished.pt"  # in a network's checkpoint folder: its best weights, once its training ended
-
-
 def run(config: TrainConfig) -> dict:
     import torch
 
@@ -454,16 +465,19 @@ def run(config: TrainConfig) -> dict:
     checkpoints = checkpoint_folder(config, data_hash)
     run_file = checkpoints / "mlflow_run_id"
     members = member_configs(config)
-    folders = [checkpoints] if len(members) == 1 else [checkpoints / f"member{k}" for k in range(len(members))]
-    resuming = config.resume and run_file.exists() and any((f / FINISHED).exists() or (f / "last.ckpt").exists() for f in folders)
+    folders = [checkpoints] if len(members) == 1 else [checkpoints / f"member{k + 1}" for k in range(len(members))]
+    resuming = config.resume and run_file.exists()
+    finished = [_readable_finished(folder) if resuming else None for folder in folders]
+    resume_from = [_readable_checkpoint(f / "last.ckpt") if resuming and done is None else None for f, done in zip(folders, finished)]
+    resuming = any(done is not None for done in finished) or any(point is not None for point in resume_from)
     mlflow_run = _start_mlflow_run(config, spec, data_hash, run_file.read_text() if resuming else None) if is_global_zero() else None
     if mlflow_run is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         run_file.write_text(mlflow_run.info.run_id)
     weights = class_weights(split.loc[split["split"] == "train", "label"], classes)
     trained = [
-        _train_network(member, spec.member, split, weights, folder, mlflow_run, resuming, (k, len(members)))
-        for k, (member, folder) in enumerate(zip(members, folders))
+        _train_network(member, spec.member, split, weights, folder, mlflow_run, (done, point), (k, len(members)))
+        for k, (member, folder, done, point) in enumerate(zip(members, folders, finished, resume_from))
     ]
     if not is_global_zero():
         return {}
@@ -481,11 +495,12 @@ def _train_network(
     weights: np.ndarray,
     checkpoints: Path,
     mlflow_run,
-    resuming: bool,
+    earlier: tuple[dict | None, Path | None],
     which: tuple[int, int],
 ) -> tuple:
-    """One network, trained (or resumed) with checkpoints in ``checkpoints``: its best weights on global rank 0,
-    and the epochs it trained. A network of an ensemble that finished before a kill is read back, not retrained."""
+    """One network, trained with checkpoints in ``checkpoints``: its best weights on global rank 0, and the epochs
+    it trained. ``earlier``: what an interrupted run of the same job left, the network finished (read back, not
+    retrained) or its last checkpoint (resumed)."""
     import lightning as L
     import torch
     from lightning.pytorch.loggers import MLFlowLogger
@@ -493,14 +508,14 @@ def _train_network(
     label = _member_label(*which)
     L.seed_everything(config.seed, workers=True, verbose=False)
     module = lightning_module(spec, config, weights, label)
-    if (checkpoints / FINISHED).exists():
-        finished = torch.load(checkpoints / FINISHED, map_location="cpu", weights_only=True)
+    finished, resume_from = earlier
+    if finished is not None:
         module.net.load_state_dict(finished["net"])
-        print(f"{label}finished before the interruption: read back, not retrained", flush=True)
+        if is_global_zero():
+            print(f"{label}finished before the interruption: read back, not retrained", flush=True)
         return module.net, int(finished["epochs"])
     if config.init_weights is not None:
         print(load_initial_weights(module.net, config.init_weights), flush=True)
-    resume_from = _readable_checkpoint(checkpoints / "last.ckpt") if resuming else None
     prefix = f"member{which[0] + 1}" if which[1] > 1 else ""  # an ensemble's networks log "member1-val_loss", …
     logger = MLFlowLogger(tracking_uri=get_settings().tracking_uri, run_id=mlflow_run.info.run_id, prefix=prefix) if mlflow_run else False
     trainer, checkpoint = _trainer(config, logger, checkpoints)
@@ -509,7 +524,9 @@ def _train_network(
         return module.net, trainer.current_epoch
     best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
-    torch.save({"net": module.net.state_dict(), "epochs": trainer.current_epoch}, checkpoints / FINISHED)
+    partial = checkpoints / f"{FINISHED}.partial"  # renamed once whole: a kill mid-write leaves no torn finished.pt
+    torch.save({"net": module.net.state_dict(), "epochs": trainer.current_epoch}, partial)
+    os.replace(partial, checkpoints / FINISHED)
     return module.net, trainer.current_epoch
 
 
