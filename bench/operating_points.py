@@ -5,9 +5,12 @@ The evaluate stage reports the model at its validation-chosen operating threshol
 targets name, all from one pass over the test slices with ``models/``:
   - ROC-AUC, the best sensitivity at specificity >= --specificity and the best specificity at sensitivity >= --sensitivity;
   - the tumours missed and false alarms at that ROC point (the counts the targets allow);
-  - 4-class accuracy, misses and false alarms at P(tumour) 0.5 and at the model's own threshold.
+  - 4-class accuracy, misses and false alarms at P(tumour) 0.5 and at the model's own threshold;
+  - with --floors: the threshold re-chosen on the validation slices for each specificity floor (as
+    ``train.specificity_floor`` would choose it, without retraining) and the test figures there;
+  - with several --workspace (runs on the same split): each model, then the mean of their probabilities.
 
-    .venv/bin/python bench/operating_points.py [--specificity 0.995] [--sensitivity 0.998]
+    .venv/bin/python bench/operating_points.py [--workspace W ...] [--specificity 0.995] [--sensitivity 0.998] [--floors 0.85 0.9]
 """
 
 from __future__ import annotations
@@ -31,43 +34,79 @@ def at_threshold(labels: np.ndarray, decided: np.ndarray) -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", type=Path, default=Path("."))
-    parser.add_argument("--specificity", type=float, default=0.995)
-    parser.add_argument("--sensitivity", type=float, default=0.998)
-    args = parser.parse_args()
-    split_file, model_dir = args.workspace / "data" / "split.csv", args.workspace / "models"
-    if not split_file.exists() or not (model_dir / "model.pt").exists():
-        raise SystemExit(f"skipped: no trained model in {args.workspace.resolve()} (run `tumorscope run` there first)")
+def scored(workspace: Path, part: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """One split part's rows and the workspace model's class probabilities for them."""
+    from components.imaging import read_slice
+    from components.model import Classifier
+
+    split = pd.read_csv(workspace / "data" / "split.csv")
+    rows = split[split["split"] == part]
+    classifier = Classifier.load(workspace / "models")
+    colour = classifier.spec.in_channels == 3
+    paths = [str(workspace / path) for path in rows["path"]]  # workspace-relative or absolute
+    return rows, classifier.predict_proba([read_slice(path, name=name, color=colour) for path, name in zip(paths, rows["image_id"])])
+
+
+def report(name: str, spec, labels: np.ndarray, probabilities: np.ndarray, args, validation: tuple | None) -> None:
     from sklearn.metrics import roc_auc_score
 
+    from components.config import TrainConfig
     from components.evaluate import roc_points
-    from components.imaging import read_slice
-    from components.model import Classifier, decide, tumour_probability
+    from components.model import decide, tumour_probability
+    from components.train import choose_operating_threshold
 
-    split = pd.read_csv(split_file)
-    test = split[split["split"] == "test"]
-    classifier = Classifier.load(model_dir)
-    colour = classifier.spec.in_channels == 3
-    paths = [str(args.workspace / path) for path in test["path"]]  # workspace-relative or absolute
-    probabilities = classifier.predict_proba([read_slice(path, name=name, color=colour) for path, name in zip(paths, test["image_id"])])
-    labels, score = test["label"].to_numpy(), tumour_probability(probabilities, classifier.spec)
-    is_tumour = labels != "notumor"
+    score, is_tumour = tumour_probability(probabilities, spec), labels != "notumor"
     points = roc_points(is_tumour, score, specificity=args.specificity, sensitivity=args.sensitivity)
     sensitivity, specificity = points["sens_at_spec"], points["spec_at_sens"]
-    print(f"{len(test)} test slices ({int(is_tumour.sum())} tumours), classes {classifier.spec.classes}")
-    print(f"ROC-AUC {roc_auc_score(is_tumour, score):.5f}")
+    print(f"{name}: {len(labels)} test slices ({int(is_tumour.sum())} tumours), classes {spec.classes}")
+    print(f"  ROC-AUC {roc_auc_score(is_tumour, score):.5f}")
     print(
-        f"best sensitivity at specificity >= {args.specificity}: {sensitivity:.4f} "
-        f"({int(round((1 - sensitivity) * is_tumour.sum()))} tumours missed)"
+        f"  best sensitivity at specificity >= {args.specificity}: {sensitivity:.4f} ({int(round((1 - sensitivity) * is_tumour.sum()))} tumours missed)"
     )
-    print(f"best specificity at sensitivity >= {args.sensitivity}: {specificity:.4f}")
-    print(
-        "at P(tumour) 0.5: " + at_threshold(labels, decide(probabilities, classifier.spec.model_copy(update={"operating_threshold": 0.5})))
-    )
-    threshold = classifier.spec.operating_threshold
-    print(f"at the model's threshold {threshold:.3f}: " + at_threshold(labels, decide(probabilities, classifier.spec)))
+    print(f"  best specificity at sensitivity >= {args.sensitivity}: {specificity:.4f}")
+    print("  at P(tumour) 0.5: " + at_threshold(labels, decide(probabilities, spec.model_copy(update={"operating_threshold": 0.5}))))
+    if validation is None:
+        print(f"  at the model's threshold {spec.operating_threshold:.3f}: " + at_threshold(labels, decide(probabilities, spec)))
+        return
+    val_labels, val_probabilities = validation
+    val_score = tumour_probability(val_probabilities, spec)
+    for floor in args.floors:
+        config = TrainConfig(target_sensitivity=args.target_sensitivity, specificity_floor=floor)
+        threshold = choose_operating_threshold(val_score, val_labels != "notumor", config)["operating_threshold"]
+        chosen = decide(probabilities, spec.model_copy(update={"operating_threshold": threshold}))
+        print(f"  floor {floor} (target sensitivity {args.target_sensitivity}): threshold {threshold:.3f}: " + at_threshold(labels, chosen))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", type=Path, action="append", help="a workspace after `tumorscope run` (repeat: several models)")
+    parser.add_argument("--specificity", type=float, default=0.995)
+    parser.add_argument("--sensitivity", type=float, default=0.998)
+    parser.add_argument("--floors", type=float, nargs="*", default=[], help="specificity floors to re-choose the threshold with")
+    parser.add_argument("--target-sensitivity", type=float, default=0.998)
+    args = parser.parse_args()
+    workspaces = args.workspace or [Path(".")]
+    for workspace in workspaces:
+        if not (workspace / "data" / "split.csv").exists() or not (workspace / "models" / "model.pt").exists():
+            raise SystemExit(f"skipped: no trained model in {workspace.resolve()} (run `tumorscope run` there first)")
+    from components.model import Classifier
+
+    tests, validations, first_paths = [], [], None
+    for workspace in workspaces:
+        spec = Classifier.load(workspace / "models").spec
+        rows, probabilities = scored(workspace, "test")
+        first_paths = list(rows["path"]) if first_paths is None else first_paths
+        if list(rows["path"]) != first_paths:
+            raise SystemExit(f"{workspace}: another test split than {workspaces[0]}'s: the models cannot be averaged slice by slice")
+        tests.append(probabilities)
+        if args.floors:
+            val_rows, val_probabilities = scored(workspace, "val")
+            validations.append(val_probabilities)
+        validation = (val_rows["label"].to_numpy(), val_probabilities) if args.floors else None
+        report(str(workspace), spec, rows["label"].to_numpy(), probabilities, args, validation)
+    if len(workspaces) > 1:
+        validation = (val_rows["label"].to_numpy(), np.mean(validations, axis=0)) if args.floors else None
+        report(f"mean of {len(workspaces)} models", spec, rows["label"].to_numpy(), np.mean(tests, axis=0), args, validation)
 
 
 if __name__ == "__main__":
