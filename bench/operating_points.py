@@ -34,14 +34,12 @@ def at_threshold(labels: np.ndarray, decided: np.ndarray) -> str:
     )
 
 
-def scored(workspace: Path, part: str) -> tuple[pd.DataFrame, np.ndarray]:
+def scored(classifier, workspace: Path, part: str) -> tuple[pd.DataFrame, np.ndarray]:
     """One split part's rows and the workspace model's class probabilities for them."""
     from components.imaging import read_slice
-    from components.model import Classifier
 
     split = pd.read_csv(workspace / "data" / "split.csv")
     rows = split[split["split"] == part]
-    classifier = Classifier.load(workspace / "models")
     colour = classifier.spec.in_channels == 3
     paths = [str(workspace / path) for path in rows["path"]]  # workspace-relative or absolute
     return rows, classifier.predict_proba([read_slice(path, name=name, color=colour) for path, name in zip(paths, rows["image_id"])])
@@ -93,14 +91,15 @@ def main() -> None:
 
     tests, validations, first_paths = [], [], None
     for workspace in workspaces:
-        spec = Classifier.load(workspace / "models").spec
-        rows, probabilities = scored(workspace, "test")
+        classifier = Classifier.load(workspace / "models")
+        spec = classifier.spec
+        rows, probabilities = scored(classifier, workspace, "test")
         first_paths = list(rows["path"]) if first_paths is None else first_paths
         if list(rows["path"]) != first_paths:
             raise SystemExit(f"{workspace}: another test split than {workspaces[0]}'s: the models cannot be averaged slice by slice")
         tests.append(probabilities)
         if args.floors:
-            val_rows, val_probabilities = scored(workspace, "val")
+            val_rows, val_probabilities = scored(classifier, workspace, "val")
             validations.append(val_probabilities)
         validation = (val_rows["label"].to_numpy(), val_probabilities) if args.floors else None
         report(str(workspace), spec, rows["label"].to_numpy(), probabilities, args, validation)

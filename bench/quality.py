@@ -188,8 +188,7 @@ def main() -> None:
         "smallest_lesion_mm",
         "train_minutes",
     ]
-    members = sorted({int(c.split("_")[0].removeprefix("member")) for c in table if c.startswith("member")})
-    columns += [f"member{n}_{figure}" for n in members for figure in ("auc", "sens_at_spec")]  # an ensemble's networks, each alone
+    columns += [c for c in table if c.startswith("member")]  # an ensemble's networks alone, in one_fold's (numeric) order
     summary = table[[c for c in columns if c in table]].agg(["mean", "std", "min", "max"]).T
     print(f"\nacross {len(table)} folds (sens_at_spec: best sensitivity at specificity >= {args.specificity}; spec_at_sens: the reverse)")
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))

@@ -226,7 +226,11 @@ def gradcam(classifier: Classifier, image: np.ndarray, class_index: int | None =
         index = target_class(probabilities, classifier.spec, class_index)
         cam = GradCAM(nn_module=net, target_layers=stage.name, upsampler=_cell_upsampler(stage), postprocessing=lambda m: m)
         heatmap = cam(x, class_idx=index)[0, 0].detach().numpy().astype(np.float64)
-    heatmap = np.nan_to_num(np.clip(heatmap, 0.0, None))
+    return _scaled_to_peak(np.nan_to_num(np.clip(heatmap, 0.0, None)))
+
+
+def _scaled_to_peak(heatmap: np.ndarray) -> np.ndarray:
+    """A non-negative heatmap scaled to a maximum of 1 (all zeros stay zeros), float32."""
     peak = heatmap.max()
     return (heatmap / peak if peak > 0 else np.zeros_like(heatmap)).astype(np.float32)
 
@@ -234,9 +238,7 @@ def gradcam(classifier: Classifier, image: np.ndarray, class_index: int | None =
 def _ensemble_gradcam(classifier: Classifier, image: np.ndarray, class_index: int | None, layer: str | None) -> np.ndarray:
     """The mean of the members' Grad-CAMs for the class the ensemble explains, scaled to a maximum of 1."""
     index = target_class(classifier.predict_prepared(_prepared(classifier, image))[0][0], classifier.spec, class_index)
-    heatmap = np.mean([gradcam(member, image, index, layer) for member in classifier.members()], axis=0)
-    peak = heatmap.max()
-    return (heatmap / peak if peak > 0 else heatmap).astype(np.float32)
+    return _scaled_to_peak(np.mean([gradcam(member, image, index, layer) for member in classifier.members()], axis=0))
 
 
 def lesion_map(classifier: Classifier, image: np.ndarray) -> np.ndarray:

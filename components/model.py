@@ -55,9 +55,7 @@ class ModelSpec(BaseModel):
 def build_network(spec: ModelSpec):
     """A MONAI 2D classifier trained from scratch (no pretrained weights can be downloaded here)."""
     if spec.members > 1:
-        from components.ensemble_net import Ensemble
-
-        return Ensemble([build_network(spec.member) for _ in range(spec.members)])
+        return one_network([build_network(spec.member) for _ in range(spec.members)])
     if spec.lesion_head:
         from components.lesion_net import LesionResNet
 
@@ -68,6 +66,15 @@ def build_network(spec: ModelSpec):
             **_resnet_args(spec.channels, spec.blocks, spec.norm),
         )
     return monai_classifier(spec.network, 2, spec.in_channels, len(spec.classes), spec.channels, spec.blocks, spec.norm)
+
+
+def one_network(nets: list):
+    """The network, or the ensemble of the networks (components/ensemble_net.py)."""
+    if len(nets) == 1:
+        return nets[0]
+    from components.ensemble_net import Ensemble
+
+    return Ensemble(nets)
 
 
 def monai_classifier(

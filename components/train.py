@@ -24,7 +24,7 @@ import pandas as pd
 
 from components.config import TrainConfig, load_params
 from components.errors import DataError, TumorScopeError
-from components.model import Classifier, ModelSpec, build_network
+from components.model import Classifier, ModelSpec, build_network, one_network
 from components.settings import get_settings, use_experiment
 
 MLFLOW_REQUIREMENTS = ["torch==2.13.0", "monai==1.6.1", "numpy<3"]
@@ -398,15 +398,6 @@ def member_configs(config: TrainConfig) -> list[TrainConfig]:
     return [config.model_copy(update={"seed": config.seed + k, "max_minutes": minutes, "members": 1}) for k in range(config.members)]
 
 
-def one_network(nets: list):
-    """The trained network, or the ensemble of the trained networks."""
-    if len(nets) == 1:
-        return nets[0]
-    from components.ensemble_net import Ensemble
-
-    return Ensemble(nets)
-
-
 def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
     """Fit on ``split``'s train rows; the classifier and the last epoch's validation ROC-AUC (tumour vs none; of
     the last network of an ensemble). Nothing is logged, checkpointed or saved."""
@@ -466,9 +457,9 @@ def run(config: TrainConfig) -> dict:
     run_file = checkpoints / "mlflow_run_id"
     members = member_configs(config)
     folders = [checkpoints] if len(members) == 1 else [checkpoints / f"member{k + 1}" for k in range(len(members))]
-    resuming = config.resume and run_file.exists()
-    finished = [_readable_finished(folder) if resuming else None for folder in folders]
-    resume_from = [_readable_checkpoint(f / "last.ckpt") if resuming and done is None else None for f, done in zip(folders, finished)]
+    interrupted = config.resume and run_file.exists()
+    finished = [_readable_finished(folder) if interrupted else None for folder in folders]
+    resume_from = [_readable_checkpoint(f / "last.ckpt") if interrupted and done is None else None for f, done in zip(folders, finished)]
     resuming = any(done is not None for done in finished) or any(point is not None for point in resume_from)
     mlflow_run = _start_mlflow_run(config, spec, data_hash, run_file.read_text() if resuming else None) if is_global_zero() else None
     if mlflow_run is not None:
