@@ -242,6 +242,15 @@ def load_initial_weights(net, path: Path) -> str:
     return f"initial weights: {len(matched)} of {len(own)} tensors from {path.name}"
 
 
+def left_by_interruption(config: TrainConfig, folders: list[Path], run_file: Path) -> tuple[list[dict | None], list[Path | None]]:
+    """Per network, what an interrupted run of this job left: its finished weights, or else its last whole
+    checkpoint. Nothing with ``train.resume`` off or when no run of this job was interrupted (no ``run_file``)."""
+    if not (config.resume and run_file.exists()):
+        return [None] * len(folders), [None] * len(folders)
+    finished = [_readable_finished(folder) for folder in folders]
+    return finished, [_readable_checkpoint(f / "last.ckpt") if done is None else None for f, done in zip(folders, finished)]
+
+
 def _readable_finished(checkpoints: Path) -> dict | None:
     """The weights and epochs of a network that finished before the job was interrupted, if readable."""
     import torch
@@ -457,9 +466,7 @@ def run(config: TrainConfig) -> dict:
     run_file = checkpoints / "mlflow_run_id"
     members = member_configs(config)
     folders = [checkpoints] if len(members) == 1 else [checkpoints / f"member{k + 1}" for k in range(len(members))]
-    interrupted = config.resume and run_file.exists()
-    finished = [_readable_finished(folder) if interrupted else None for folder in folders]
-    resume_from = [_readable_checkpoint(f / "last.ckpt") if interrupted and done is None else None for f, done in zip(folders, finished)]
+    finished, resume_from = left_by_interruption(config, folders, run_file)
     resuming = any(done is not None for done in finished) or any(point is not None for point in resume_from)
     mlflow_run = _start_mlflow_run(config, spec, data_hash, run_file.read_text() if resuming else None) if is_global_zero() else None
     if mlflow_run is not None:
@@ -494,7 +501,6 @@ def _train_network(
     retrained) or its last checkpoint (resumed)."""
     import lightning as L
     import torch
-    from lightning.pytorch.loggers import MLFlowLogger
 
     label = _member_label(*which)
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -508,7 +514,7 @@ def _train_network(
     if config.init_weights is not None:
         print(load_initial_weights(module.net, config.init_weights), flush=True)
     prefix = f"member{which[0] + 1}" if which[1] > 1 else ""  # an ensemble's networks log "member1-val_loss", …
-    logger = MLFlowLogger(tracking_uri=get_settings().tracking_uri, run_id=mlflow_run.info.run_id, prefix=prefix) if mlflow_run else False
+    logger = _network_logger(mlflow_run.info.run_id, prefix) if mlflow_run else False
     trainer, checkpoint = _trainer(config, logger, checkpoints)
     trainer.fit(module, datamodule=data_module(split, config, spec.classes), ckpt_path=resume_from)
     if not trainer.is_global_zero:
@@ -519,6 +525,19 @@ def _train_network(
     torch.save({"net": module.net.state_dict(), "epochs": trainer.current_epoch}, partial)
     os.replace(partial, checkpoints / FINISHED)
     return module.net, trainer.current_epoch
+
+
+def _network_logger(run_id: str, prefix: str):
+    """Lightning's MLflow logger, except that a network's end does not end the run: the job's run goes on to the
+    next network, calibration and the registered model, and ``_publish`` ends it. A failure still marks it FAILED."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class NetworkLogger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            if status == "failed":
+                super().finalize(status)
+
+    return NetworkLogger(tracking_uri=get_settings().tracking_uri, run_id=run_id, prefix=prefix)
 
 
 def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config: TrainConfig, classes: list[str]) -> dict[str, float]:

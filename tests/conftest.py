@@ -57,6 +57,14 @@ def tiny_cohort(tmp_path_factory) -> Path:
     return out
 
 
+def training_runs(root: Path) -> tuple:
+    """The workspace's MLflow client and its training runs."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return client, client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
+
+
 def make_workspace(target: Path, params: dict | None = None) -> Path:
     """A copy of the project's tracked files as a fresh git + DVC workspace, with params overridden."""
     import yaml

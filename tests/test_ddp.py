@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_workspace, workspace_env
+from tests.conftest import make_workspace, training_runs, workspace_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +24,22 @@ def stage(root: Path, name: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_two_process_ddp_trains_one_model_with_one_mlflow_run(tmp_path: Path):
-    import mlflow
+def test_two_process_ddp_trains_an_ensemble_as_one_model_with_one_mlflow_run(tmp_path: Path):
+    """Both ranks go through both networks of an ensemble (a rank that skipped one would hang the other)."""
+    from components.model import Classifier
 
-    root = make_workspace(tmp_path / "ws", TINY_DDP)
+    root = make_workspace(tmp_path / "ws", {**TINY_DDP, "train": {**TINY_DDP["train"], "members": 2}})
     for name in ("synth", "ingest", "validate", "split"):
         assert stage(root, name).returncode == 0
     trained = stage(root, "train")
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in trained.stdout + trained.stderr
-    assert trained.stdout.count("epoch 2/2") == 1, "only rank 0 reports"
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [trained.stdout.count(f"member {k}/2: epoch 2/2") for k in (1, 2)] == [1, 1], "only rank 0 reports"
+    client, runs = training_runs(root)
+    assert [run.info.status for run in runs] == ["FINISHED"]
     assert runs[0].data.params["devices"] == "2"
-    assert (root / "models" / "model.pt").exists()
+    assert {"member1-val_loss", "member2-val_loss"} <= set(runs[0].data.metrics)
+    assert Classifier.load(root / "models").spec.members == 2
 
 
 def _free_port() -> int:

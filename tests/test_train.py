@@ -12,6 +12,7 @@ from components.config import TrainConfig
 from components.errors import TumorScopeError
 from components.settings import get_settings
 from components.train import rank_partition, torchrun_command
+from tests.conftest import training_runs
 
 
 def test_rank_partitions_are_equal_sized_and_cover_every_row():
@@ -123,6 +124,8 @@ def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path,
             break
     first.wait(timeout=60)
     assert list((root / "data" / "checkpoints").rglob("last.ckpt")), "the killed run left its checkpoint"
+    statuses = [run.info.status for run in training_runs(root)[1]]
+    assert statuses == ["RUNNING"], "a killed job's run is not marked finished by a network that was"
     second = subprocess.run([sys.executable, "-m", "components.train"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     return root, second.stdout
@@ -130,13 +133,33 @@ def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path,
 
 def _the_one_finished_run(root: Path):
     """The MLflow client and the id of the workspace's only training run, checked finished and cleaned up after."""
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one job, one MLflow run"
+    client, runs = training_runs(root)
+    assert [run.info.status for run in runs] == ["FINISHED"], "one job, one MLflow run"
     assert not list((root / "data" / "checkpoints").iterdir()), "a finished run leaves nothing to resume"
     return client, runs[0].info.run_id
+
+
+def test_only_a_resumable_interrupted_job_reads_back_what_it_left(tmp_path, capsys):
+    import torch
+
+    from components.config import TrainConfig
+    from components.train import FINISHED, left_by_interruption
+
+    first, second, third = (tmp_path / f"member{k}" for k in (1, 2, 3))
+    for folder in (first, second, third):
+        folder.mkdir()
+    torch.save({"net": {}, "epochs": 7}, first / FINISHED)
+    (second / FINISHED).write_bytes(b"torn")
+    torch.save({"epoch": 2}, second / "last.ckpt")
+    run_file = tmp_path / "mlflow_run_id"
+    folders = [first, second, third]
+    assert left_by_interruption(TrainConfig(), folders, run_file) == ([None] * 3, [None] * 3), "no run was interrupted"
+    run_file.write_text("run-1")
+    finished, resume_from = left_by_interruption(TrainConfig(), folders, run_file)
+    assert [done and done["epochs"] for done in finished] == [7, None, None]
+    assert resume_from == [None, second / "last.ckpt", None], "a torn finished network resumes from its checkpoint"
+    assert "unreadable; that network trains again" in capsys.readouterr().out
+    assert left_by_interruption(TrainConfig(resume=False), folders, run_file) == ([None] * 3, [None] * 3)
 
 
 @pytest.mark.slow
