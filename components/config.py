@@ -138,7 +138,7 @@ class TrainConfig(Section):
     lesion_vote: bool = False  # with a lesion map: P(tumour) averages the classifier's and the map's strongest cell's
     members: int = Field(1, ge=1)  # > 1: an ensemble of networks from seeds seed, seed + 1, …, sharing max_minutes
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
-    max_minutes: float | None = Field(None, gt=0)  # a hard cap on training time (Lightning's max_time)
+    max_minutes: float | None = Field(None, gt=0)  # stops training then (Lightning's max_time), but not before half the epochs (min_epochs)
     flip_averaging: bool = False  # predictions average the slice and its left-right mirror (test-time augmentation)
     devices: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
