@@ -222,9 +222,10 @@ def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
     return config.checkpoint_root / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-def load_initial_weights(net, path: Path) -> str:
+def load_initial_weights(net, path: Path, network: int = 0) -> str:
     """A user's pretrained weights (a state dict or a Lightning checkpoint). Tensors whose names and shapes match
-    are loaded; the rest (a head for other classes, say) keep their fresh initialisation."""
+    are loaded; the rest (a head for other classes, say) keep their fresh initialisation. From an ensemble's file,
+    the ``network``-th of a new ensemble starts from its ``network``-th member (its last when it has fewer)."""
     import torch
 
     if not path.exists():
@@ -234,12 +235,23 @@ def load_initial_weights(net, path: Path) -> str:
     except Exception as exc:  # torch raises several types for a file that is no checkpoint
         raise DataError(path, f"not a PyTorch checkpoint ({exc.__class__.__name__})") from None
     state = {key.removeprefix("net."): value for key, value in state.get("state_dict", state).items()}
+    state, source = _one_members_weights(state, network)
     own = net.state_dict()
     matched = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
     if not matched:
         raise DataError(path, "no tensor matches this network: another architecture or width?")
     net.load_state_dict(matched, strict=False)
-    return f"initial weights: {len(matched)} of {len(own)} tensors from {path.name}"
+    return f"initial weights: {len(matched)} of {len(own)} tensors from {path.name}{source}"
+
+
+def _one_members_weights(state: dict, network: int) -> tuple[dict, str]:
+    """The weights of one member when ``state`` is an ensemble's (``members.<k>.`` names), else ``state`` itself."""
+    members = sorted({int(key.split(".")[1]) for key in state if key.startswith("members.")})
+    if not members or any(not key.startswith("members.") for key in state):
+        return state, ""
+    member = members[min(network, len(members) - 1)]
+    prefix = f"members.{member}."
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}, f" (its network {member + 1})"
 
 
 def left_by_interruption(config: TrainConfig, folders: list[Path], run_file: Path) -> tuple[list[dict | None], list[Path | None]]:
@@ -512,7 +524,7 @@ def _train_network(
             print(f"{label}finished before the interruption: read back, not retrained", flush=True)
         return module.net, int(finished["epochs"])
     if config.init_weights is not None:
-        print(load_initial_weights(module.net, config.init_weights), flush=True)
+        print(label + load_initial_weights(module.net, config.init_weights, which[0]), flush=True)
     prefix = f"member{which[0] + 1}" if which[1] > 1 else ""  # an ensemble's networks log "member1-val_loss", …
     logger = _network_logger(mlflow_run.info.run_id, prefix) if mlflow_run else False
     trainer, checkpoint = _trainer(config, logger, checkpoints)

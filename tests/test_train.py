@@ -85,7 +85,7 @@ def test_initial_weights_load_where_names_and_shapes_match(tmp_path):
     import torch
 
     from components.errors import DataError
-    from components.model import ModelSpec, build_network
+    from components.model import ModelSpec, build_network, one_network
     from components.train import load_initial_weights
 
     spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["a", "b"])
@@ -96,6 +96,12 @@ def test_initial_weights_load_where_names_and_shapes_match(tmp_path):
     assert torch.equal(three_classes.conv1.weight, donor.conv1.weight)
     assert three_classes.fc.weight.shape[0] == 3, "the head for other classes keeps its own initialisation"
     assert message.startswith("initial weights:") and "of" in message
+    ensemble = one_network([build_network(spec), donor])  # network 2 of a new ensemble starts from member 2, and so on
+    torch.save(ensemble.state_dict(), tmp_path / "ensemble.pt")
+    for network, member in ((0, 0), (1, 1), (2, 1)):
+        fresh = build_network(spec)
+        assert load_initial_weights(fresh, tmp_path / "ensemble.pt", network).endswith(f"(its network {member + 1})")
+        assert torch.equal(fresh.conv1.weight, ensemble.members[member].conv1.weight)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="not a PyTorch checkpoint"):
         load_initial_weights(three_classes, tmp_path / "junk.pt")
