@@ -24,10 +24,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 
-def slices_from_annotation(rows: pd.DataFrame) -> np.ndarray:
+def distance_to_annotation(rows: pd.DataFrame) -> np.ndarray:
     """Per slice: how many slices away the nearest annotated tumour slice of its series is (inf: none)."""
     distance = np.full(len(rows), np.inf)
-    for _, series in rows.groupby("subject"):
+    for _, series in rows.groupby("series"):
         tumour_slices = series.loc[series["label"] != "notumor", "slice"].to_numpy()
         if len(tumour_slices):
             gaps = np.abs(series["slice"].to_numpy()[:, None] - tumour_slices[None, :]).min(axis=1)
@@ -36,13 +36,15 @@ def slices_from_annotation(rows: pd.DataFrame) -> np.ndarray:
 
 
 def fold_rows(workspace: Path) -> pd.DataFrame:
+    """The workspace's test scores with each slice's series (its folder: one study) and number in it."""
     scores = pd.read_csv(workspace / "test_scores.csv")
     paths = pd.read_csv(workspace / "manifest.csv", usecols=["image_id", "path"])
     rows = scores.merge(paths, on="image_id", how="left", validate="one_to_one")
     numbers = rows["path"].str.extract(r"_(\d+)\.\w+$", expand=False)
     if numbers.isna().any():
         raise SystemExit(f"{workspace}: file names without a slice number (_<n>.png): not a series-slice data set")
-    return rows.assign(slice=numbers.astype(int)).drop(columns="path").reset_index(drop=True)
+    series = rows["path"].map(lambda path: Path(path).parent.name)
+    return rows.assign(slice=numbers.astype(int), series=series).drop(columns="path").reset_index(drop=True)
 
 
 def main() -> None:
@@ -56,15 +58,17 @@ def main() -> None:
     parser.add_argument("--specificity", type=float, default=0.95)
     args = parser.parse_args()
     rows = pd.concat([fold_rows(workspace) for workspace in args.workspaces])
+    if rows["image_id"].duplicated().any():
+        raise SystemExit("the workspaces share test slices (the same fold twice?): give each fold once")
     for fold, fold_scores in rows.groupby("fold"):
         fold_scores = fold_scores.reset_index(drop=True)
         is_tumour = (fold_scores["label"] != "notumor").to_numpy()
-        distance = slices_from_annotation(fold_scores)
+        distance, score = distance_to_annotation(fold_scores), fold_scores["p_tumour"].to_numpy()
         figures = []
         for margin in [0, *args.margins]:
             kept = is_tumour | (distance > margin)
-            auc = roc_auc_score(is_tumour[kept], fold_scores["p_tumour"][kept])
-            sensitivity = roc_points(is_tumour[kept], fold_scores["p_tumour"].to_numpy()[kept], args.specificity, 0.5)["sens_at_spec"]
+            auc = roc_auc_score(is_tumour[kept], score[kept])
+            sensitivity = roc_points(is_tumour[kept], score[kept], args.specificity, 0.5)["sens_at_spec"]
             name = "all slices" if margin == 0 else f"without {int((~kept).sum())} tumour-free within {margin}"
             figures.append(f"{name}: AUC {auc:.4f}, sens {sensitivity:.3f}")
         print(f"fold {fold + 1}: " + "; ".join(figures))

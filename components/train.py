@@ -10,10 +10,12 @@ for the later stages.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -235,8 +237,8 @@ def load_initial_weights(net, path: Path, network: int = 0) -> str:
     except Exception as exc:  # torch raises several types for a file that is no checkpoint
         raise DataError(path, f"not a PyTorch checkpoint ({exc.__class__.__name__})") from None
     state = {key.removeprefix("net."): value for key, value in state.get("state_dict", state).items()}
-    state, source = _one_members_weights(state, network)
     own = net.state_dict()
+    state, source = _one_members_weights(state, own, network)
     matched = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
     if not matched:
         raise DataError(path, "no tensor matches this network: another architecture or width?")
@@ -244,14 +246,15 @@ def load_initial_weights(net, path: Path, network: int = 0) -> str:
     return f"initial weights: {len(matched)} of {len(own)} tensors from {path.name}{source}"
 
 
-def _one_members_weights(state: dict, network: int) -> tuple[dict, str]:
-    """The weights of one member when ``state`` is an ensemble's (``members.<k>.`` names), else ``state`` itself."""
-    members = sorted({int(key.split(".")[1]) for key in state if key.startswith("members.")})
-    if not members or any(not key.startswith("members.") for key in state):
+def _one_members_weights(state: dict, own: dict, network: int) -> tuple[dict, str]:
+    """One member's weights when ``state`` is an ensemble's (``members.<k>.`` names) and ``own`` (the network to
+    start) is not one; else ``state`` itself."""
+    named = {key: re.fullmatch(r"members\.(\d+)\.(.+)", key) for key in state}
+    members = sorted({int(match[1]) for match in named.values() if match})
+    if not members or any(key.startswith("members.") for key in own):
         return state, ""
     member = members[min(network, len(members) - 1)]
-    prefix = f"members.{member}."
-    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}, f" (its network {member + 1})"
+    return {match[2]: state[key] for key, match in named.items() if match and int(match[1]) == member}, f" (its member {member + 1})"
 
 
 def left_by_interruption(config: TrainConfig, folders: list[Path], run_file: Path) -> tuple[list[dict | None], list[Path | None]]:
@@ -485,15 +488,17 @@ def run(config: TrainConfig) -> dict:
         checkpoints.mkdir(parents=True, exist_ok=True)
         run_file.write_text(mlflow_run.info.run_id)
     weights = class_weights(split.loc[split["split"] == "train", "label"], classes)
-    trained = [
-        _train_network(member, spec.member, split, weights, folder, mlflow_run, (done, point), (k, len(members)))
-        for k, (member, folder, done, point) in enumerate(zip(members, folders, finished, resume_from))
-    ]
-    if not is_global_zero():
-        return {}
-    classifier = Classifier(spec, one_network([net for net, _ in trained]))
-    calibration = _fit_on_validation(classifier, split[split["split"] == "val"], config, classes)
-    published = _publish(classifier, config, mlflow_run, data_hash, sum(epochs for _, epochs in trained), calibration)
+    # an error or exit (SIGTERM, Ctrl-C) before _publish ends the run FAILED; without this, MLflow's exit hook ends it FINISHED
+    with mlflow_run if mlflow_run is not None else contextlib.nullcontext():
+        trained = [
+            _train_network(member, spec.member, split, weights, folder, mlflow_run, (done, point), (k, len(members)))
+            for k, (member, folder, done, point) in enumerate(zip(members, folders, finished, resume_from))
+        ]
+        if not is_global_zero():
+            return {}
+        classifier = Classifier(spec, one_network([net for net, _ in trained]))
+        calibration = _fit_on_validation(classifier, split[split["split"] == "val"], config, classes)
+        published = _publish(classifier, config, mlflow_run, data_hash, sum(epochs for _, epochs in trained), calibration)
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing to resume
     return published
 
@@ -524,7 +529,9 @@ def _train_network(
             print(f"{label}finished before the interruption: read back, not retrained", flush=True)
         return module.net, int(finished["epochs"])
     if config.init_weights is not None:
-        print(label + load_initial_weights(module.net, config.init_weights, which[0]), flush=True)
+        loaded = load_initial_weights(module.net, config.init_weights, which[0])
+        if is_global_zero():
+            print(label + loaded, flush=True)
     prefix = f"member{which[0] + 1}" if which[1] > 1 else ""  # an ensemble's networks log "member1-val_loss", …
     logger = _network_logger(mlflow_run.info.run_id, prefix) if mlflow_run else False
     trainer, checkpoint = _trainer(config, logger, checkpoints)
@@ -541,7 +548,8 @@ def _train_network(
 
 def _network_logger(run_id: str, prefix: str):
     """Lightning's MLflow logger, except that a network's end does not end the run: the job's run goes on to the
-    next network, calibration and the registered model, and ``_publish`` ends it. A failure still marks it FAILED."""
+    next network, calibration and the registered model, and ``_publish`` ends it. A failure in training marks it
+    FAILED. (The skipped part of finalize also logs checkpoints as artifacts, which only log_model=True asks for.)"""
     from lightning.pytorch.loggers import MLFlowLogger
 
     class NetworkLogger(MLFlowLogger):

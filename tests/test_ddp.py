@@ -33,9 +33,9 @@ def test_two_process_ddp_trains_an_ensemble_as_one_model_with_one_mlflow_run(tmp
         assert stage(root, name).returncode == 0
     trained = stage(root, "train")
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in trained.stdout + trained.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in trained.stdout + trained.stderr  # Lightning's words for DDP process 2 of 2
     assert [trained.stdout.count(f"member {k}/2: epoch 2/2") for k in (1, 2)] == [1, 1], "only rank 0 reports"
-    client, runs = training_runs(root)
+    _, runs = training_runs(root)
     assert [run.info.status for run in runs] == ["FINISHED"]
     assert runs[0].data.params["devices"] == "2"
     assert {"member1-val_loss", "member2-val_loss"} <= set(runs[0].data.metrics)

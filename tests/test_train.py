@@ -100,8 +100,13 @@ def test_initial_weights_load_where_names_and_shapes_match(tmp_path):
     torch.save(ensemble.state_dict(), tmp_path / "ensemble.pt")
     for network, member in ((0, 0), (1, 1), (2, 1)):
         fresh = build_network(spec)
-        assert load_initial_weights(fresh, tmp_path / "ensemble.pt", network).endswith(f"(its network {member + 1})")
+        assert load_initial_weights(fresh, tmp_path / "ensemble.pt", network).endswith(f"(its member {member + 1})")
         assert torch.equal(fresh.conv1.weight, ensemble.members[member].conv1.weight)
+    whole = one_network([build_network(spec), build_network(spec)])
+    assert "(its member" not in load_initial_weights(whole, tmp_path / "ensemble.pt"), "an ensemble starts as a whole"
+    assert torch.equal(whole.members[1].conv1.weight, donor.conv1.weight)
+    torch.save({"members.head.w": torch.zeros(1), **donor.state_dict()}, tmp_path / "odd_names.pt")
+    assert "(its member" not in load_initial_weights(build_network(spec), tmp_path / "odd_names.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="not a PyTorch checkpoint"):
         load_initial_weights(three_classes, tmp_path / "junk.pt")
@@ -145,10 +150,43 @@ def _the_one_finished_run(root: Path):
     return client, runs[0].info.run_id
 
 
+def test_a_networks_end_leaves_the_jobs_run_running_and_a_failure_marks_it_failed(settings_env, tmp_path):
+    import mlflow
+
+    from components.train import _network_logger
+
+    settings_env.setenv("TUMORSCOPE_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("job")).info.run_id
+    logger = _network_logger(run_id, prefix="member1")
+    logger.log_metrics({"val_loss": 0.5}, step=0)
+    for status, expected in (("success", "RUNNING"), ("finished", "RUNNING"), ("failed", "FAILED")):
+        logger.finalize(status)
+        assert client.get_run(run_id).info.status == expected, status
+    assert "member1-val_loss" in client.get_run(run_id).data.metrics
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_after_its_run_started_is_marked_failed_not_finished(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import make_workspace, workspace_env
+
+    train = {"image_size": 32, "epochs": 1, "channels": [8, 8, 8, 8], "init_weights": str(tmp_path / "junk.pt")}
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    root = make_workspace(tmp_path / "ws", {"synth": {"subjects": 16, "image_size": 64}, "train": train})
+    env = workspace_env(root)
+    for name in ("synth", "ingest", "validate", "split", "train"):
+        stage = subprocess.run([sys.executable, "-m", f"components.{name}"], cwd=root, env=env, capture_output=True, text=True)
+    assert stage.returncode == 2 and "not a PyTorch checkpoint" in stage.stdout + stage.stderr
+    assert "Traceback" not in stage.stdout + stage.stderr
+    assert [run.info.status for run in training_runs(root)[1]] == ["FAILED"]
+
+
 def test_only_a_resumable_interrupted_job_reads_back_what_it_left(tmp_path, capsys):
     import torch
 
-    from components.config import TrainConfig
     from components.train import FINISHED, left_by_interruption
 
     first, second, third = (tmp_path / f"member{k}" for k in (1, 2, 3))
