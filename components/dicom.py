@@ -233,7 +233,17 @@ def _assemble(label: str, slices: list[_Slice]) -> Series:
     )
 
 
+def _check_modality(label: str, slices: list[_Slice]) -> None:
+    """Only MR series (or ones that do not say) are read: the models learnt brain MRI, and a CT slice, whose
+    windowed skull and flat parenchyma they never learnt to tell apart from MRI by the image alone, would get
+    a confident answer about something they cannot judge. The header says what the image cannot."""
+    modalities = sorted({str(s.header.get("Modality") or "") for s in slices} - {"", "MR"})
+    if modalities:
+        raise DataError(label, f"modality {'/'.join(modalities)}, not MR: TumorScope reads brain MRI only")
+
+
 def _check_consistent(label: str, slices: list[_Slice]) -> None:
+    _check_modality(label, slices)
     shapes = sorted({s.pixels.shape for s in slices})
     if len(shapes) > 1:
         raise DataError(label, f"slices of different sizes (Rows/Columns {', '.join(f'{r}x{c}' for r, c in shapes)})")

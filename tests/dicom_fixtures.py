@@ -70,6 +70,7 @@ def write_series(
     age: str | None = "045Y",
     positions: list[float] | None = None,
     rescale: tuple[float, float] | None = None,
+    modality: str = "MR",
 ) -> list[Path]:
     """Write one series into ``folder`` as IM0001... (numbering continues after files already there).
 
@@ -86,6 +87,7 @@ def write_series(
     paths: list[Path] = [Path()] * len(zs)
     for number, k in enumerate(order, start=first):
         ds = _slice(k, zs[k], series_uid, patient_id, burned_in, description, sex, age, rescale)
+        ds.Modality = modality
         paths[k] = folder / f"IM{number:04d}"
         ds.save_as(paths[k], enforce_file_format=True)
     return paths

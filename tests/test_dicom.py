@@ -165,6 +165,15 @@ def test_slices_of_different_sizes_are_refused(tmp_path):
     assert name.startswith("ser-") and "different sizes" in problem
 
 
+def test_a_series_of_another_modality_is_refused_under_its_pseudonym(tmp_path):
+    write_series(tmp_path, n_slices=2, series_uid="1.2.826.0.1.3680043.8.498.1")
+    write_series(tmp_path, n_slices=2, series_uid="1.2.826.0.1.3680043.8.498.2", modality="CT")
+    series, quarantined = read_series(tmp_path, KEY)
+    assert [s.modality for s in series] == ["MR"]
+    ((name, problem),) = quarantined
+    assert name.startswith("ser-") and name != series[0].uid_pseudonym and problem.startswith("modality CT, not MR")
+
+
 def test_burned_in_images_are_quarantined_before_reading(tmp_path):
     write_series(tmp_path, n_slices=2, burned_in=True)
     series, quarantined = read_series(tmp_path, KEY)

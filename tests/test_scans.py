@@ -63,6 +63,9 @@ def test_two_series_in_one_upload_and_broken_files_are_refused_by_name(tmp_path:
     write_series(tmp_path / "two", n_slices=3, series_uid="1.2.826.0.1.3680043.8.498.2")
     with pytest.raises(DataError, match="^upload: the upload holds 2 image series"):
         read_scan(write_zip(tmp_path / "two.zip", tmp_path / "two"), KEY)
+    write_series(tmp_path / "ct", n_slices=3, modality="CT")
+    with pytest.raises(DataError, match="^upload: no usable DICOM image series \\(modality CT, not MR"):
+        read_scan(write_zip(tmp_path / "ct.zip", tmp_path / "ct"), KEY)
     truncated = tmp_path / "cut.nii.gz"
     truncated.write_bytes(_save(tmp_path / "v.nii.gz", _head()).read_bytes()[:400])
     with pytest.raises(DataError, match="^upload: "):
