@@ -303,7 +303,6 @@ def _trainer(config: TrainConfig, logger, checkpoints: Path):
     checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor="val_loss", mode="min", save_last=True)
     trainer = L.Trainer(
         **_budget(config),
-        min_epochs=max(1, config.epochs // 2),  # no early stop while the one-cycle LR is still high
         accelerator="auto",
         devices=config.devices,
         num_nodes=config.num_nodes,
@@ -358,9 +357,12 @@ def quiet_lightning() -> None:
 
 
 def _budget(config: TrainConfig) -> dict:
-    """The Trainer settings every fit shares: epochs, the time cap and the numeric precision."""
+    """The Trainer settings every fit shares: epochs, the time cap and the numeric precision. No stop, early or
+    by the time cap, before half the epochs: the one-cycle learning rate is still high until then."""
     time_cap = {"minutes": config.max_minutes} if config.max_minutes else None
-    return {"max_epochs": config.epochs, "max_time": time_cap, "precision": trainer_precision(config)}
+    return {
+        "max_epochs": config.epochs, "min_epochs": max(1, config.epochs // 2), "max_time": time_cap, "precision": trainer_precision(config),
+    }  # fmt: skip
 
 
 def trainer_precision(config: TrainConfig) -> str:
@@ -443,9 +445,26 @@ def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
             enable_progress_bar=False, enable_model_summary=False, callbacks=weight_averaging(member),
         )  # fmt: skip
         trainer.fit(module, datamodule=data_module(split, member, classes))
+        _say_if_cut_short(trainer, member, _member_label(k, config.members))
         nets.append(module.net)
         auc = float(trainer.callback_metrics.get("val_auc", float("nan")))
     return Classifier(spec, one_network(nets)), auc
+
+
+def _say_if_cut_short(trainer, config: TrainConfig, label: str) -> None:
+    """``max_minutes`` stopping training before its last epoch leaves the one-cycle learning rate high: the weights
+    that ship are not the annealed ones the schedule aims at, a silent loss unless the run's output says so."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
+    if timer is None or trainer.current_epoch >= config.epochs or (timer.time_remaining() or 0) > 0 or not is_global_zero():
+        return
+    share = " (this network's share of it)" if label else ""
+    print(
+        f"{label}train.max_minutes{share} stopped training after epoch {trainer.current_epoch} of {config.epochs}, before the "
+        "learning rate annealed: lower train.epochs or raise train.max_minutes",
+        flush=True,
+    )
 
 
 def _member_label(k: int, members: int) -> str:
@@ -536,6 +555,7 @@ def _train_network(
     logger = _network_logger(mlflow_run.info.run_id, prefix) if mlflow_run else False
     trainer, checkpoint = _trainer(config, logger, checkpoints)
     trainer.fit(module, datamodule=data_module(split, config, spec.classes), ckpt_path=resume_from)
+    _say_if_cut_short(trainer, config, label)
     if not trainer.is_global_zero:
         return module.net, trainer.current_epoch
     best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)

@@ -326,6 +326,20 @@ def test_fit_classifier_with_mixup_bf16_and_flip_averaging_learns_a_lesion_in_on
     assert roc_auc_score(test["label"] == "tumor", scores) >= 0.9
 
 
+def test_a_time_cap_that_stops_training_before_its_last_epoch_is_reported(tmp_path, monkeypatch, capsys):
+    from components.train import fit_classifier
+
+    monkeypatch.chdir(tmp_path)
+    split = _toy_split(tmp_path)
+    config = TrainConfig(image_size=32, channels=[8, 8, 8, 8], epochs=4, members=2, max_minutes=0.0002, threads=1)
+    fit_classifier(config, split[split["split"] != "test"])
+    output = capsys.readouterr().out
+    for member in (1, 2):  # min_epochs (half of them) still runs: no stop while the learning rate is high
+        assert f"member {member}/2: train.max_minutes (this network's share of it) stopped training after epoch 2 of 4" in output
+    fit_classifier(config.model_copy(update={"max_minutes": 30, "epochs": 1, "members": 1}), split[split["split"] != "test"])
+    assert "stopped training" not in capsys.readouterr().out
+
+
 def test_a_lesion_map_learnt_from_masks_finds_the_lesion(tmp_path, monkeypatch):
     import torch
     from sklearn.metrics import roc_auc_score
