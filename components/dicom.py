@@ -26,6 +26,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from components.deid import deidentify
 from components.errors import DataError
@@ -221,7 +222,7 @@ def _assemble(label: str, slices: list[_Slice]) -> Series:
     return Series(
         uid_pseudonym=label,
         subject=str(first.PatientID),
-        modality=str(first.get("Modality") or ""),
+        modality=_modality(first),
         sequence=_sequence(first),
         sex=_sex(first),
         age=parse_age(first.get("PatientAge")),
@@ -237,9 +238,16 @@ def _check_modality(label: str, slices: list[_Slice]) -> None:
     """Only MR series (or ones that do not say) are read: the models learnt brain MRI, and a CT slice, whose
     windowed skull and flat parenchyma they never learnt to tell apart from MRI by the image alone, would get
     a confident answer about something they cannot judge. The header says what the image cannot."""
-    modalities = sorted({str(s.header.get("Modality") or "") for s in slices} - {"", "MR"})
+    modalities = sorted({_modality(s.header) for s in slices} - {"", "MR"})
     if modalities:
-        raise DataError(label, f"modality {'/'.join(modalities)}, not MR: TumorScope reads brain MRI only")
+        raise DataError(label, f"modality {'/'.join(modalities)[:16]}, not MR: TumorScope reads brain MRI only")
+
+
+def _modality(header: Dataset) -> str:
+    """The Modality tag as one upper-case word ("MR"), however it was padded, cased or split into values."""
+    value = header.get("Modality") or ""
+    values = value if isinstance(value, MultiValue) else [value]
+    return "/".join(str(part).strip().upper() for part in values if str(part).strip())
 
 
 def _check_consistent(label: str, slices: list[_Slice]) -> None:

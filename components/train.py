@@ -452,19 +452,22 @@ def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
 
 
 def _say_if_cut_short(trainer, config: TrainConfig, label: str) -> None:
-    """``max_minutes`` stopping training before its last epoch leaves the one-cycle learning rate high: the weights
+    """``max_minutes`` stopping training before its last step leaves the one-cycle learning rate high: the weights
     that ship are not the annealed ones the schedule aims at, a silent loss unless the run's output says so."""
-    from lightning.pytorch.callbacks import Timer
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
 
     timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
-    if timer is None or trainer.current_epoch >= config.epochs or (timer.time_remaining() or 0) > 0 or not is_global_zero():
+    remaining = timer.time_remaining() if timer is not None else None
+    stopped_early = any(isinstance(callback, EarlyStopping) and callback.stopped_epoch for callback in trainer.callbacks)
+    if remaining is None or remaining > 0 or stopped_early or trainer.global_step >= trainer.estimated_stepping_batches:
         return
-    share = " (this network's share of it)" if label else ""
-    print(
-        f"{label}train.max_minutes{share} stopped training after epoch {trainer.current_epoch} of {config.epochs}, before the "
-        "learning rate annealed: lower train.epochs or raise train.max_minutes",
-        flush=True,
-    )
+    if is_global_zero():
+        share = " (this network's share of it)" if label else ""
+        print(
+            f"{label}max_minutes{share} stopped training at step {trainer.global_step} of {trainer.estimated_stepping_batches} "
+            f"(epoch {trainer.current_epoch} of {config.epochs}), before the learning rate annealed: lower the epochs or raise max_minutes",
+            flush=True,
+        )
 
 
 def _member_label(k: int, members: int) -> str:

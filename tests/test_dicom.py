@@ -172,6 +172,10 @@ def test_a_series_of_another_modality_is_refused_under_its_pseudonym(tmp_path):
     assert [s.modality for s in series] == ["MR"]
     ((name, problem),) = quarantined
     assert name.startswith("ser-") and name != series[0].uid_pseudonym and problem.startswith("modality CT, not MR")
+    with pytest.warns(UserWarning, match="Invalid value for VR CS"):  # senders write such values all the same
+        padded = write_series(tmp_path / "padded", n_slices=2, modality=" mr")  # leading spaces and case do not count
+    assert all(pydicom.dcmread(path).Modality == " mr" for path in padded)
+    assert [s.modality for s in read_series(tmp_path / "padded", KEY)[0]] == ["MR"]
 
 
 def test_burned_in_images_are_quarantined_before_reading(tmp_path):

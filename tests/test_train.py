@@ -335,7 +335,7 @@ def test_a_time_cap_that_stops_training_before_its_last_epoch_is_reported(tmp_pa
     fit_classifier(config, split[split["split"] != "test"])
     output = capsys.readouterr().out
     for member in (1, 2):  # min_epochs (half of them) still runs: no stop while the learning rate is high
-        assert f"member {member}/2: train.max_minutes (this network's share of it) stopped training after epoch 2 of 4" in output
+        assert f"member {member}/2: max_minutes (this network's share of it) stopped training at step 2 of 4 (epoch 2 of 4)" in output
     fit_classifier(config.model_copy(update={"max_minutes": 30, "epochs": 1, "members": 1}), split[split["split"] != "test"])
     assert "stopped training" not in capsys.readouterr().out
 
