@@ -243,11 +243,21 @@ def _check_modality(label: str, slices: list[_Slice]) -> None:
         raise DataError(label, f"modality {'/'.join(modalities)[:16]}, not MR: TumorScope reads brain MRI only")
 
 
+# the storage classes of other modalities, for a file whose Modality tag was stripped (the class UID is kept)
+MODALITY_OF_STORAGE_CLASS = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT", "1.2.840.10008.5.1.4.1.1.2.1": "CT", "1.2.840.10008.5.1.4.1.1.2.2": "CT",
+    "1.2.840.10008.5.1.4.1.1.128": "PT", "1.2.840.10008.5.1.4.1.1.130": "PT", "1.2.840.10008.5.1.4.1.1.20": "NM",
+    "1.2.840.10008.5.1.4.1.1.7": "OT", "1.2.840.10008.5.1.4.1.1.4": "MR", "1.2.840.10008.5.1.4.1.1.4.1": "MR",
+}  # fmt: skip
+
+
 def _modality(header: Dataset) -> str:
-    """The Modality tag as one upper-case word ("MR"), however it was padded, cased or split into values."""
+    """The Modality tag as one upper-case word ("MR"), however it was padded, cased or split into values; without
+    the tag, what the storage class says (empty when neither says)."""
     value = header.get("Modality") or ""
     values = value if isinstance(value, MultiValue) else [value]
-    return "/".join(str(part).strip().upper() for part in values if str(part).strip())
+    stated = "/".join(str(part).strip().upper() for part in values if str(part).strip())
+    return stated or MODALITY_OF_STORAGE_CLASS.get(str(header.get("SOPClassUID") or ""), "")
 
 
 def _check_consistent(label: str, slices: list[_Slice]) -> None:

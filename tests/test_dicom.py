@@ -176,6 +176,12 @@ def test_a_series_of_another_modality_is_refused_under_its_pseudonym(tmp_path):
         padded = write_series(tmp_path / "padded", n_slices=2, modality=" mr")  # leading spaces and case do not count
     assert all(pydicom.dcmread(path).Modality == " mr" for path in padded)
     assert [s.modality for s in read_series(tmp_path / "padded", KEY)[0]] == ["MR"]
+    for path in write_series(tmp_path / "untagged", n_slices=2):  # no Modality tag: the storage class tells
+        untagged = pydicom.dcmread(path)
+        del untagged.Modality
+        untagged.SOPClassUID = untagged.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        untagged.save_as(path, enforce_file_format=True)
+    assert read_series(tmp_path / "untagged", KEY)[1][0][1].startswith("modality CT, not MR")
 
 
 def test_burned_in_images_are_quarantined_before_reading(tmp_path):
