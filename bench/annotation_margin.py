@@ -8,7 +8,7 @@ specificity >= --specificity with every test slice (the figures the targets use)
 slices within k slices of an annotated tumour slice of the same series. It is a sensitivity analysis of the
 reference standard, not a replacement for the first column. Slice numbers come from the file names (``_<n>.png``).
 
-    .venv/bin/python bench/annotation_margin.py /tmp/tumorscope-quality-XXXX [...] [--margins 1 2 3]
+    .venv/bin/python bench/annotation_margin.py /tmp/tumorscope-quality-XXXX [...] [--margins 1 2 3] [--review alarms.csv]
 """
 
 from __future__ import annotations
@@ -56,14 +56,19 @@ def main() -> None:
     parser.add_argument("workspaces", nargs="+", type=Path, help="bench/quality.py workspaces (each has test_scores.csv)")
     parser.add_argument("--margins", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--specificity", type=float, default=0.95)
+    parser.add_argument("--review", type=Path, help="write the false alarms at --specificity here (CSV, pseudonyms) for a reader")
     args = parser.parse_args()
     rows = pd.concat([fold_rows(workspace) for workspace in args.workspaces])
     if rows["image_id"].duplicated().any():
         raise SystemExit("the workspaces share test slices (the same fold twice?): give each fold once")
+    false_alarms = []
     for fold, fold_scores in rows.groupby("fold"):
         fold_scores = fold_scores.reset_index(drop=True)
         is_tumour = (fold_scores["label"] != "notumor").to_numpy()
         distance, score = distance_to_annotation(fold_scores), fold_scores["p_tumour"].to_numpy()
+        false_alarms.append(
+            fold_scores.assign(slices_from_annotation=distance)[~is_tumour & (score > np.quantile(score[~is_tumour], args.specificity))]
+        )
         figures = []
         for margin in [0, *args.margins]:
             kept = is_tumour | (distance > margin)
@@ -72,6 +77,11 @@ def main() -> None:
             name = "all slices" if margin == 0 else f"without {int((~kept).sum())} tumour-free within {margin}"
             figures.append(f"{name}: AUC {auc:.4f}, sens {sensitivity:.3f}")
         print(f"fold {fold + 1}: " + "; ".join(figures))
+    if args.review:  # image and subject pseudonyms only: the workspace's manifest.csv maps them to files for the reader
+        columns = ["fold", "image_id", "subject", "slice", "slices_from_annotation", "p_tumour"]
+        listed = pd.concat(false_alarms).assign(fold=lambda alarms: alarms["fold"] + 1)  # numbered as printed
+        listed[columns].sort_values(["fold", "subject", "slice"]).to_csv(args.review, index=False)
+        print(f"false alarms at specificity {args.specificity} for a reader: {args.review}")
 
 
 if __name__ == "__main__":
