@@ -33,5 +33,5 @@ def test_the_lesion_loss_rewards_a_map_on_the_lesion_and_ignores_slices_without_
     has_mask = torch.tensor([True, True])
     assert lesion_loss(on_lesion, masks, has_mask) < 0.1 < lesion_loss(elsewhere, masks, has_mask)
     none = lesion_loss(elsewhere.requires_grad_(), masks, torch.tensor([False, False]))
-    assert float(none) == 0.0
+    assert none.item() == 0.0
     none.backward()  # still a graph: a batch without masks trains the classifier alone
