@@ -2,7 +2,7 @@
 
 LGG labels a slice tumour-positive when its mask is non-empty. Some of the confident false alarms of the
 cross-validation are slices next to a patient's annotated tumour that show the same FLAIR signal with an empty
-mask (seen by eye in one fold-4 patient: three slices below the first annotated one, each P(tumour) >= 0.97): the
+mask (seen by eye in one fold-4 patient: three slices below the first annotated one, each P(tumour) >= 0.96): the
 reference standard, not the model, may be wrong there. This prints, per fold of one or more quality.py workspaces, ROC-AUC and the best sensitivity at
 specificity >= --specificity with every test slice (the figures the targets use), then without the tumour-free
 slices within k slices of an annotated tumour slice of the same series. It is a sensitivity analysis of the
