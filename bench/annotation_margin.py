@@ -26,13 +26,14 @@ sys.path.insert(0, str(PROJECT))
 
 def distance_to_annotation(rows: pd.DataFrame) -> np.ndarray:
     """Per slice: how many slices away the nearest annotated tumour slice of its series is (inf: none)."""
-    distance = np.full(len(rows), np.inf)
+    from components.config import NO_TUMOUR
+
+    distance = pd.Series(np.inf, index=rows.index)
     for _, series in rows.groupby("series"):
-        tumour_slices = series.loc[series["label"] != "notumor", "slice"].to_numpy()
+        tumour_slices = series.loc[series["label"] != NO_TUMOUR, "slice"].to_numpy()
         if len(tumour_slices):
-            gaps = np.abs(series["slice"].to_numpy()[:, None] - tumour_slices[None, :]).min(axis=1)
-            distance[rows.index.get_indexer(series.index)] = gaps
-    return distance
+            distance[series.index] = np.abs(series["slice"].to_numpy()[:, None] - tumour_slices[None, :]).min(axis=1)
+    return distance.to_numpy()
 
 
 def fold_rows(workspace: Path) -> pd.DataFrame:
@@ -50,7 +51,9 @@ def fold_rows(workspace: Path) -> pd.DataFrame:
 def main() -> None:
     from sklearn.metrics import roc_auc_score
 
+    from components.config import NO_TUMOUR
     from components.evaluate import roc_points
+    from components.model import threshold_for_specificity
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workspaces", nargs="+", type=Path, help="bench/quality.py workspaces (each has test_scores.csv)")
@@ -64,11 +67,10 @@ def main() -> None:
     false_alarms = []
     for fold, fold_scores in rows.groupby("fold"):
         fold_scores = fold_scores.reset_index(drop=True)
-        is_tumour = (fold_scores["label"] != "notumor").to_numpy()
+        is_tumour = (fold_scores["label"] != NO_TUMOUR).to_numpy()
         distance, score = distance_to_annotation(fold_scores), fold_scores["p_tumour"].to_numpy()
-        false_alarms.append(
-            fold_scores.assign(slices_from_annotation=distance)[~is_tumour & (score > np.quantile(score[~is_tumour], args.specificity))]
-        )
+        alarm = ~is_tumour & (score >= threshold_for_specificity(score, is_tumour, args.specificity))
+        false_alarms.append(fold_scores.assign(slices_from_annotation=distance)[alarm])
         figures = []
         for margin in [0, *args.margins]:
             kept = is_tumour | (distance > margin)

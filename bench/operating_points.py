@@ -34,15 +34,13 @@ def at_threshold(labels: np.ndarray, decided: np.ndarray) -> str:
     )
 
 
-def scored(classifier, workspace: Path, part: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """One split part's rows and the workspace model's class probabilities for them."""
+def scored(classifier, workspace: Path, rows: pd.DataFrame) -> np.ndarray:
+    """The workspace model's class probabilities for some of its split's rows."""
     from components.imaging import read_slice
 
-    split = pd.read_csv(workspace / "data" / "split.csv")
-    rows = split[split["split"] == part]
     colour = classifier.spec.in_channels == 3
     paths = [str(workspace / path) for path in rows["path"]]  # workspace-relative or absolute
-    return rows, classifier.predict_proba([read_slice(path, name=name, color=colour) for path, name in zip(paths, rows["image_id"])])
+    return classifier.predict_proba([read_slice(path, name=name, color=colour) for path, name in zip(paths, rows["image_id"])])
 
 
 def report(name: str, spec, labels: np.ndarray, probabilities: np.ndarray, args, validation: tuple | None) -> None:
@@ -89,19 +87,21 @@ def main() -> None:
             raise SystemExit(f"skipped: no trained model in {workspace.resolve()} (run `tumorscope run` there first)")
     from components.model import Classifier
 
-    tests, validations, first_paths = [], [], None
+    tests, validations, first_split = [], [], None
     for workspace in workspaces:
         classifier = Classifier.load(workspace / "models")
         spec = classifier.spec
-        rows, probabilities = scored(classifier, workspace, "test")
-        first_paths = list(rows["path"]) if first_paths is None else first_paths
-        if list(rows["path"]) != first_paths:
-            raise SystemExit(f"{workspace}: another test split than {workspaces[0]}'s: the models cannot be averaged slice by slice")
+        split = pd.read_csv(workspace / "data" / "split.csv")
+        first_split = split[["path", "split"]] if first_split is None else first_split
+        if not split[["path", "split"]].equals(first_split):
+            raise SystemExit(f"{workspace}: another split than {workspaces[0]}'s: the models cannot be averaged slice by slice")
+        rows, val_rows = split[split["split"] == "test"], split[split["split"] == "val"]
+        probabilities = scored(classifier, workspace, rows)
         tests.append(probabilities)
+        validation = None
         if args.floors:
-            val_rows, val_probabilities = scored(classifier, workspace, "val")
-            validations.append(val_probabilities)
-        validation = (val_rows["label"].to_numpy(), val_probabilities) if args.floors else None
+            validations.append(scored(classifier, workspace, val_rows))
+            validation = (val_rows["label"].to_numpy(), validations[-1])
         report(str(workspace), spec, rows["label"].to_numpy(), probabilities, args, validation)
     if len(workspaces) > 1:
         validation = (val_rows["label"].to_numpy(), np.mean(validations, axis=0)) if args.floors else None

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.uid as storage
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -211,6 +212,7 @@ def _pixels(name: str, header: Dataset) -> np.ndarray:
 
 
 def _assemble(label: str, slices: list[_Slice]) -> Series:
+    _check_modality(label, slices)
     _check_consistent(label, slices)
     row, col = _orientation(slices[0].header)
     normal = np.cross(row, col)
@@ -245,10 +247,16 @@ def _check_modality(label: str, slices: list[_Slice]) -> None:
 
 # the storage classes of other modalities, for a file whose Modality tag was stripped (the class UID is kept)
 MODALITY_OF_STORAGE_CLASS = {
-    "1.2.840.10008.5.1.4.1.1.2": "CT", "1.2.840.10008.5.1.4.1.1.2.1": "CT", "1.2.840.10008.5.1.4.1.1.2.2": "CT",
-    "1.2.840.10008.5.1.4.1.1.128": "PT", "1.2.840.10008.5.1.4.1.1.130": "PT", "1.2.840.10008.5.1.4.1.1.20": "NM",
-    "1.2.840.10008.5.1.4.1.1.7": "OT", "1.2.840.10008.5.1.4.1.1.4": "MR", "1.2.840.10008.5.1.4.1.1.4.1": "MR",
-}  # fmt: skip
+    storage.CTImageStorage: "CT",
+    storage.EnhancedCTImageStorage: "CT",
+    storage.LegacyConvertedEnhancedCTImageStorage: "CT",
+    storage.PositronEmissionTomographyImageStorage: "PT",
+    storage.EnhancedPETImageStorage: "PT",
+    storage.NuclearMedicineImageStorage: "NM",
+    storage.SecondaryCaptureImageStorage: "OT",
+    storage.MRImageStorage: "MR",
+    storage.EnhancedMRImageStorage: "MR",
+}
 
 
 def _modality(header: Dataset) -> str:
@@ -261,7 +269,6 @@ def _modality(header: Dataset) -> str:
 
 
 def _check_consistent(label: str, slices: list[_Slice]) -> None:
-    _check_modality(label, slices)
     shapes = sorted({s.pixels.shape for s in slices})
     if len(shapes) > 1:
         raise DataError(label, f"slices of different sizes (Rows/Columns {', '.join(f'{r}x{c}' for r, c in shapes)})")

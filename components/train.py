@@ -249,12 +249,12 @@ def load_initial_weights(net, path: Path, network: int = 0) -> str:
 def _one_members_weights(state: dict, own: dict, network: int) -> tuple[dict, str]:
     """One member's weights when ``state`` is an ensemble's (``members.<k>.`` names) and ``own`` (the network to
     start) is not one; else ``state`` itself."""
-    named = {key: re.fullmatch(r"members\.(\d+)\.(.+)", key) for key in state}
-    members = sorted({int(match[1]) for match in named.values() if match})
+    members = sorted({int(match[1]) for key in state if (match := re.match(r"members\.(\d+)\.", key))})
     if not members or any(key.startswith("members.") for key in own):
         return state, ""
     member = members[min(network, len(members) - 1)]
-    return {match[2]: state[key] for key, match in named.items() if match and int(match[1]) == member}, f" (its member {member + 1})"
+    prefix = f"members.{member}."
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}, f" (its member {member + 1})"
 
 
 def left_by_interruption(config: TrainConfig, folders: list[Path], run_file: Path) -> tuple[list[dict | None], list[Path | None]]:
@@ -439,35 +439,46 @@ def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
     nets, auc = [], float("nan")
     for k, member in enumerate(member_configs(config)):
         L.seed_everything(member.seed, workers=True, verbose=False)
-        module = lightning_module(spec.member, member, weights, _member_label(k, config.members))
+        label = _member_label(k, config.members)
+        module = lightning_module(spec.member, member, weights, label)
         trainer = L.Trainer(
             **_budget(member), accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, callbacks=weight_averaging(member),
         )  # fmt: skip
         trainer.fit(module, datamodule=data_module(split, member, classes))
-        _say_if_cut_short(trainer, member, _member_label(k, config.members))
+        _say_if_cut_short(trainer, label)
         nets.append(module.net)
         auc = float(trainer.callback_metrics.get("val_auc", float("nan")))
     return Classifier(spec, one_network(nets)), auc
 
 
-def _say_if_cut_short(trainer, config: TrainConfig, label: str) -> None:
+def _say_if_cut_short(trainer, label: str) -> None:
     """``max_minutes`` stopping training before its last step leaves the one-cycle learning rate high: the weights
     that ship are not the annealed ones the schedule aims at, a silent loss unless the run's output says so."""
-    from lightning.pytorch.callbacks import EarlyStopping, Timer
+    from lightning.pytorch.callbacks import Timer
 
     timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
     remaining = timer.time_remaining() if timer is not None else None
-    stopped_early = any(isinstance(callback, EarlyStopping) and callback.stopped_epoch for callback in trainer.callbacks)
-    if remaining is None or remaining > 0 or stopped_early or trainer.global_step >= trainer.estimated_stepping_batches:
+    early_stop = trainer.early_stopping_callback
+    if (
+        remaining is None
+        or remaining > 0
+        or (early_stop and early_stop.stopped_epoch)
+        or trainer.global_step >= trainer.estimated_stepping_batches
+    ):
         return
-    if is_global_zero():
+    if trainer.is_global_zero:
         share = " (this network's share of it)" if label else ""
         print(
             f"{label}max_minutes{share} stopped training at step {trainer.global_step} of {trainer.estimated_stepping_batches} "
-            f"(epoch {trainer.current_epoch} of {config.epochs}), before the learning rate annealed: lower the epochs or raise max_minutes",
+            f"(epoch {trainer.current_epoch} of {trainer.max_epochs}), before the learning rate annealed: lower the epochs or raise max_minutes",
             flush=True,
         )
+
+
+def _member_name(k: int) -> str:
+    """An ensemble's k-th network (from 0) in folder and metric names: member1, member2, …"""
+    return f"member{k + 1}"
 
 
 def _member_label(k: int, members: int) -> str:
@@ -502,9 +513,9 @@ def run(config: TrainConfig) -> dict:
     checkpoints = checkpoint_folder(config, data_hash)
     run_file = checkpoints / "mlflow_run_id"
     members = member_configs(config)
-    folders = [checkpoints] if len(members) == 1 else [checkpoints / f"member{k + 1}" for k in range(len(members))]
+    folders = [checkpoints] if len(members) == 1 else [checkpoints / _member_name(k) for k in range(len(members))]
     finished, resume_from = left_by_interruption(config, folders, run_file)
-    resuming = any(done is not None for done in finished) or any(point is not None for point in resume_from)
+    resuming = any(left is not None for left in (*finished, *resume_from))
     mlflow_run = _start_mlflow_run(config, spec, data_hash, run_file.read_text() if resuming else None) if is_global_zero() else None
     if mlflow_run is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -542,23 +553,24 @@ def _train_network(
     import torch
 
     label = _member_label(*which)
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    module = lightning_module(spec, config, weights, label)
     finished, resume_from = earlier
     if finished is not None:
-        module.net.load_state_dict(finished["net"])
+        net = build_network(spec)
+        net.load_state_dict(finished["net"])
         if is_global_zero():
             print(f"{label}finished before the interruption: read back, not retrained", flush=True)
-        return module.net, int(finished["epochs"])
+        return net, int(finished["epochs"])
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    module = lightning_module(spec, config, weights, label)
     if config.init_weights is not None:
         loaded = load_initial_weights(module.net, config.init_weights, which[0])
         if is_global_zero():
             print(label + loaded, flush=True)
-    prefix = f"member{which[0] + 1}" if which[1] > 1 else ""  # an ensemble's networks log "member1-val_loss", …
+    prefix = _member_name(which[0]) if which[1] > 1 else ""  # an ensemble's networks log "member1-val_loss", …
     logger = _network_logger(mlflow_run.info.run_id, prefix) if mlflow_run else False
     trainer, checkpoint = _trainer(config, logger, checkpoints)
     trainer.fit(module, datamodule=data_module(split, config, spec.classes), ckpt_path=resume_from)
-    _say_if_cut_short(trainer, config, label)
+    _say_if_cut_short(trainer, label)
     if not trainer.is_global_zero:
         return module.net, trainer.current_epoch
     best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)

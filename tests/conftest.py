@@ -57,12 +57,22 @@ def tiny_cohort(tmp_path_factory) -> Path:
     return out
 
 
-def training_runs(root: Path) -> tuple:
-    """The workspace's MLflow client and its training runs."""
+def training_runs(root: Path, experiment: str = "tumorscope") -> tuple:
+    """The workspace's MLflow client and the runs of one of its experiments (training's by default)."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    return client, client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
+    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def bench_module(name: str):
+    """A script of bench/ as a module (bench/ is no package): its arithmetic is tested like the code's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", PROJECT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_workspace(target: Path, params: dict | None = None) -> Path:

@@ -1,15 +1,12 @@
 """The annotation-margin benchmark's arithmetic: slice distances within a series, never across series."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-SPEC = importlib.util.spec_from_file_location("bench_margin", Path(__file__).parents[1] / "bench" / "annotation_margin.py")
-margin = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(margin)
+from tests.conftest import bench_module
+
+margin = bench_module("annotation_margin")
 
 
 def test_each_slice_is_measured_to_the_nearest_annotated_slice_of_its_own_series():

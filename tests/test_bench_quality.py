@@ -1,14 +1,11 @@
 """The quality benchmark's own arithmetic: leak-free folds and the roles of their images."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-SPEC = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "bench" / "quality.py")
-quality = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(quality)
+from tests.conftest import bench_module
+
+quality = bench_module("quality")
 
 
 def test_folds_keep_subjects_and_near_duplicates_whole_and_hold_both_classes():

@@ -64,7 +64,6 @@ def test_two_nodes_under_torchrun_train_one_model_like_one_process(tmp_path: Pat
     own partition, and a validation loss close to the single-process run's (the batches differ, so not identical)."""
     import json
 
-    import mlflow
     import pandas as pd
 
     two_nodes = {**TINY_DDP, "train": {**TINY_DDP["train"], "devices": 1, "num_nodes": 2, "augment": False}}
@@ -78,8 +77,7 @@ def test_two_nodes_under_torchrun_train_one_model_like_one_process(tmp_path: Pat
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
     assert all("joining a 2-node training job" in o for o in outputs)
     assert sum(o.count("epoch 2/2") for o in outputs) == 1, "only global rank 0 reports"
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tumorscope").experiment_id])
+    client, runs = training_runs(root)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["num_nodes"] == "2"
     assert runs[0].data.params["effective_batch_size"] == "16"
     distributed_loss = runs[0].data.metrics["val_loss"]

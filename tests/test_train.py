@@ -235,7 +235,6 @@ def test_tuning_runs_a_grouped_cv_study_with_child_runs_and_applies_the_best_val
     import subprocess
     import sys
 
-    import mlflow
     import optuna
     import yaml
 
@@ -255,8 +254,7 @@ def test_tuning_runs_a_grouped_cv_study_with_child_runs_and_applies_the_best_val
     assert len(study.trials) == 2 and all(t.value is not None for t in study.trials)
     written = yaml.safe_load((root / "params.yaml").read_text())["train"]
     assert written["learning_rate"] == study.best_params["learning_rate"] and written["batch_size"] == study.best_params["batch_size"]
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tumorscope-tune").experiment_id])
+    _, runs = training_runs(root, "tumorscope-tune")
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 3 and len(children) == 2 and all("cv_roc_auc" in r.data.metrics for r in children)
     command = [sys.executable, "-m", "components.cli", "tune", "--trials", "1", "--workdir", str(root)]  # the CLI runs the tuning flow
