@@ -219,8 +219,9 @@ FINISHED = "finished.pt"  # in a network's checkpoint folder: its best weights, 
 def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
     """One folder per (training params, data version): a rerun with both unchanged resumes there. It lies
     outside the stage's outputs, which DVC deletes before a rerun."""
-    excluded = {"threads", "resume", *AFTER_TRAINING, *(["members"] if config.members == 1 else [])}  # as before members existed
-    identity = json.dumps({**config.model_dump(mode="json", exclude=excluded), "data": data_hash}, sort_keys=True)
+    identity = json.dumps(
+        {**config.model_dump(mode="json", exclude={"threads", "resume", *AFTER_TRAINING}), "data": data_hash}, sort_keys=True
+    )
     return config.checkpoint_root / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -296,26 +297,34 @@ def _readable_checkpoint(last: Path) -> Path | None:
     return last
 
 
-def _trainer(config: TrainConfig, logger, checkpoints: Path):
+def _trainer(config: TrainConfig, logger, checkpoints: Path | None):
+    """With ``checkpoints``, the stage's Trainer: checkpoints there, stops early on val_loss (its best epoch is the one
+    kept) and may span devices and nodes. Without, a fold's (cross-validation, tuning): in this process, nothing
+    written, the last epoch's weights (nothing picked on validation)."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    checkpoint = ModelCheckpoint(dirpath=checkpoints, monitor="val_loss", mode="min", save_last=True)
-    trainer = L.Trainer(
+    stage_callbacks = []
+    if checkpoints is not None:
+        stage_callbacks = [
+            ModelCheckpoint(dirpath=checkpoints, monitor="val_loss", mode="min", save_last=True),
+            EarlyStopping(monitor="val_loss", patience=config.patience),
+        ]
+    return L.Trainer(
         **_budget(config),
         accelerator="auto",
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy="ddp" if config.world_size > 1 else "auto",
+        devices=config.devices if stage_callbacks else 1,
+        num_nodes=config.num_nodes if stage_callbacks else 1,
+        strategy="ddp" if stage_callbacks and config.world_size > 1 else "auto",
         use_distributed_sampler=False,  # the data module hands each rank its own partition
         logger=logger,
-        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience), *weight_averaging(config)],
+        enable_checkpointing=bool(stage_callbacks),
+        callbacks=[*stage_callbacks, *weight_averaging(config)],
         enable_progress_bar=sys.stdout.isatty(),
         enable_model_summary=False,
         log_every_n_steps=50,  # metrics are per epoch; logging at every step slowed training (bench/train_throughput.py)
         deterministic=False,
     )
-    return trainer, checkpoint
 
 
 def weight_averaging(config: TrainConfig) -> list:
@@ -424,29 +433,51 @@ def member_configs(config: TrainConfig) -> list[TrainConfig]:
     return [config.model_copy(update={"seed": config.seed + k, "max_minutes": minutes, "members": 1}) for k in range(config.members)]
 
 
-def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
-    """Fit on ``split``'s train rows; the classifier and the last epoch's validation ROC-AUC (tumour vs none; of
-    the last network of an ensemble). Nothing is logged, checkpointed or saved."""
-    import lightning as L
+def _prepared(config: TrainConfig, split: pd.DataFrame) -> tuple[TrainConfig, ModelSpec, np.ndarray]:
+    """What every fit on ``split`` starts from: the config as the data allows it, the model spec, the class weights."""
     import torch
 
     quiet_lightning()
     torch.set_num_threads(config.threads)
     config = where_masks_exist(config, split)
     classes = sorted(split["label"].unique())
-    spec = model_spec(config, classes)
-    weights = class_weights(split.loc[split["split"] == "train", "label"], classes)
+    return config, model_spec(config, classes), class_weights(split.loc[split["split"] == "train", "label"], classes)
+
+
+def _fit_network(
+    config: TrainConfig,
+    spec: ModelSpec,
+    split: pd.DataFrame,
+    weights: np.ndarray,
+    which: tuple[int, int],
+    checkpoints: Path | None = None,
+    logger=False,
+    resume_from: Path | None = None,
+):
+    """One network's fit, the same for the stage and for the folds of cross-validation and tuning (see ``_trainer``
+    for what ``checkpoints`` changes): seeded, from ``train.init_weights`` when given. The module and its trainer."""
+    import lightning as L
+
+    label = _member_label(*which)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    module = lightning_module(spec, config, weights, label)
+    if config.init_weights is not None:
+        loaded = load_initial_weights(module.net, config.init_weights, which[0])
+        if is_global_zero():
+            print(label + loaded, flush=True)
+    trainer = _trainer(config, logger, checkpoints)
+    trainer.fit(module, datamodule=data_module(split, config, spec.classes), ckpt_path=resume_from)
+    _say_if_cut_short(trainer, label)
+    return module, trainer
+
+
+def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
+    """Fit on ``split``'s train rows; the classifier and the last epoch's validation ROC-AUC (tumour vs none; of
+    the last network of an ensemble). Nothing is logged, checkpointed or saved."""
+    config, spec, weights = _prepared(config, split)
     nets, auc = [], float("nan")
     for k, member in enumerate(member_configs(config)):
-        L.seed_everything(member.seed, workers=True, verbose=False)
-        label = _member_label(k, config.members)
-        module = lightning_module(spec.member, member, weights, label)
-        trainer = L.Trainer(
-            **_budget(member), accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=weight_averaging(member),
-        )  # fmt: skip
-        trainer.fit(module, datamodule=data_module(split, member, classes))
-        _say_if_cut_short(trainer, label)
+        module, trainer = _fit_network(member, spec.member, split, weights, (k, config.members))
         nets.append(module.net)
         auc = float(trainer.callback_metrics.get("val_auc", float("nan")))
     return Classifier(spec, one_network(nets)), auc
@@ -499,16 +530,10 @@ def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
 
 
 def run(config: TrainConfig) -> dict:
-    import torch
-
     if not config.split.exists():
         raise DataError(config.split, "split not found: run the split stage first")
-    quiet_lightning()
-    torch.set_num_threads(config.threads)
     split = pd.read_csv(config.split)
-    config = where_masks_exist(config, split)
-    classes = sorted(split["label"].unique())
-    spec = model_spec(config, classes)
+    config, spec, weights = _prepared(config, split)
     data_hash = file_hash(config.split)
     checkpoints = checkpoint_folder(config, data_hash)
     run_file = checkpoints / "mlflow_run_id"
@@ -520,7 +545,6 @@ def run(config: TrainConfig) -> dict:
     if mlflow_run is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         run_file.write_text(mlflow_run.info.run_id)
-    weights = class_weights(split.loc[split["split"] == "train", "label"], classes)
     # an error or exit (SIGTERM, Ctrl-C) before _publish ends the run FAILED; without this, MLflow's exit hook ends it FINISHED
     with mlflow_run if mlflow_run is not None else contextlib.nullcontext():
         trained = [
@@ -530,7 +554,7 @@ def run(config: TrainConfig) -> dict:
         if not is_global_zero():
             return {}
         classifier = Classifier(spec, one_network([net for net, _ in trained]))
-        calibration = _fit_on_validation(classifier, split[split["split"] == "val"], config, classes)
+        calibration = _fit_on_validation(classifier, split[split["split"] == "val"], config, spec.classes)
         published = _publish(classifier, config, mlflow_run, data_hash, sum(epochs for _, epochs in trained), calibration)
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing to resume
     return published
@@ -549,30 +573,21 @@ def _train_network(
     """One network, trained with checkpoints in ``checkpoints``: its best weights on global rank 0, and the epochs
     it trained. ``earlier``: what an interrupted run of the same job left, the network finished (read back, not
     retrained) or its last checkpoint (resumed)."""
-    import lightning as L
     import torch
 
-    label = _member_label(*which)
     finished, resume_from = earlier
     if finished is not None:
         net = build_network(spec)
         net.load_state_dict(finished["net"])
         if is_global_zero():
-            print(f"{label}finished before the interruption: read back, not retrained", flush=True)
+            print(f"{_member_label(*which)}finished before the interruption: read back, not retrained", flush=True)
         return net, int(finished["epochs"])
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    module = lightning_module(spec, config, weights, label)
-    if config.init_weights is not None:
-        loaded = load_initial_weights(module.net, config.init_weights, which[0])
-        if is_global_zero():
-            print(label + loaded, flush=True)
     prefix = _member_name(which[0]) if which[1] > 1 else ""  # an ensemble's networks log "member1-val_loss", …
     logger = _network_logger(mlflow_run.info.run_id, prefix) if mlflow_run else False
-    trainer, checkpoint = _trainer(config, logger, checkpoints)
-    trainer.fit(module, datamodule=data_module(split, config, spec.classes), ckpt_path=resume_from)
-    _say_if_cut_short(trainer, label)
+    module, trainer = _fit_network(config, spec, split, weights, which, checkpoints, logger, resume_from)
     if not trainer.is_global_zero:
         return module.net, trainer.current_epoch
+    checkpoint = trainer.checkpoint_callback
     best = torch.load(checkpoint.best_model_path or checkpoint.last_model_path, map_location="cpu", weights_only=True)
     module.load_state_dict(best["state_dict"])
     partial = checkpoints / f"{FINISHED}.partial"  # renamed once whole: a kill mid-write leaves no torn finished.pt
@@ -661,7 +676,6 @@ def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash:
     mlflow.log_dict(classifier.spec.model_dump(), "tumorscope/model.json")
     mlflow.log_dict(classifier.projection.model_dump(), "tumorscope/embedding.json")
     mlflow.log_metrics({"epochs_trained": epochs, **calibration})
-    mlflow.end_run()
     extra = {"run_id": run_id, "mlflow_model_uri": info.model_uri, "data_hash": data_hash}
     classifier.save(config.out_dir, extra)
     print(

@@ -338,6 +338,23 @@ def test_a_time_cap_that_stops_training_before_its_last_epoch_is_reported(tmp_pa
     assert "stopped training" not in capsys.readouterr().out
 
 
+def test_cross_validation_and_tuning_folds_start_from_the_initial_weights_too(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from components.model import build_network
+    from components.train import fit_classifier, model_spec
+
+    monkeypatch.chdir(tmp_path)
+    split = _toy_split(tmp_path)
+    config = TrainConfig(image_size=32, channels=[8, 8, 8, 8], epochs=1, members=2, threads=1)
+    torch.save(build_network(model_spec(config, ["notumor", "tumor"]).member).state_dict(), tmp_path / "pretrained.pt")
+    fit_classifier(config.model_copy(update={"init_weights": tmp_path / "pretrained.pt"}), split[split["split"] != "test"])
+    output = capsys.readouterr().out
+    for member in (1, 2):
+        assert f"member {member}/2: initial weights: " in output
+    assert output.count("tensors from pretrained.pt") == 2
+
+
 def test_a_lesion_map_learnt_from_masks_finds_the_lesion(tmp_path, monkeypatch):
     import torch
     from sklearn.metrics import roc_auc_score
@@ -442,3 +459,4 @@ def test_a_killed_run_resumes_when_only_how_the_finished_network_answers_changed
     assert checkpoint_folder(answering, "d1") == checkpoint_folder(config, "d1")
     assert checkpoint_folder(config.model_copy(update={"learning_rate": 0.01}), "d1") != checkpoint_folder(config, "d1")
     assert checkpoint_folder(config, "d2") != checkpoint_folder(config, "d1")
+    assert checkpoint_folder(config.model_copy(update={"members": 2}), "d1") != checkpoint_folder(config, "d1")
