@@ -54,7 +54,7 @@ def with_context(read_slice, context: str):
 
 def main() -> None:
     arguments = sys.argv[1:]
-    if "--context" not in arguments or arguments[arguments.index("--context") + 1] not in CHANNELS:
+    if "--context" not in arguments[:-1] or arguments[arguments.index("--context") + 1] not in CHANNELS:
         raise SystemExit(f"usage: lgg_context.py --context {{{','.join(CHANNELS)}}} <bench/quality.py arguments>")
     at = arguments.index("--context")
     context = arguments[at + 1]

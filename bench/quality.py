@@ -157,6 +157,8 @@ def main() -> None:
     from components.config import train_config_with_preset
 
     config = train_config_with_preset(args.preset, PROJECT / "params.yaml")
+    if config.init_weights is not None:  # read after the move into the workspace below
+        config = config.model_copy(update={"init_weights": config.init_weights.resolve()})
     data = args.data.resolve()
     workspace = Path(tempfile.mkdtemp(prefix="tumorscope-quality-"))
     os.chdir(workspace)  # the ingest and prepared-image caches live here

@@ -320,7 +320,7 @@ def _trainer(config: TrainConfig, logger, checkpoints: Path | None):
         logger=logger,
         enable_checkpointing=bool(stage_callbacks),
         callbacks=[*stage_callbacks, *weight_averaging(config)],
-        enable_progress_bar=sys.stdout.isatty(),
+        enable_progress_bar=bool(stage_callbacks) and sys.stdout.isatty(),  # a fold's bar would break up the epoch lines
         enable_model_summary=False,
         log_every_n_steps=50,  # metrics are per epoch; logging at every step slowed training (bench/train_throughput.py)
         deterministic=False,
@@ -545,7 +545,7 @@ def run(config: TrainConfig) -> dict:
     if mlflow_run is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         run_file.write_text(mlflow_run.info.run_id)
-    # an error or exit (SIGTERM, Ctrl-C) before _publish ends the run FAILED; without this, MLflow's exit hook ends it FINISHED
+    # the run ends when this block does: FAILED on an error or exit (SIGTERM, Ctrl-C); without it, MLflow's exit hook ends it FINISHED
     with mlflow_run if mlflow_run is not None else contextlib.nullcontext():
         trained = [
             _train_network(member, spec.member, split, weights, folder, mlflow_run, (done, point), (k, len(members)))
@@ -598,7 +598,7 @@ def _train_network(
 
 def _network_logger(run_id: str, prefix: str):
     """Lightning's MLflow logger, except that a network's end does not end the run: the job's run goes on to the
-    next network, calibration and the registered model, and ``_publish`` ends it. A failure in training marks it
+    next network, calibration and the registered model, and ``run`` ends it. A failure in training marks it
     FAILED. (The skipped part of finalize also logs checkpoints as artifacts, which only log_model=True asks for.)"""
     from lightning.pytorch.loggers import MLFlowLogger
 
