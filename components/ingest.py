@@ -17,6 +17,7 @@ there are too many.
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ SPLIT_FOLDERS = {"training": "train", "testing": "test"}
 NOT_A_CLASS = {"masks", "mask", "volumes"}
 METADATA_COLUMNS = ("age", "sex", "site", "lesion_mm")
 LGG_CLINICAL = "data.csv"
+LGG_SLICE_NUMBER = re.compile(r"_(\d+)$")  # <study>_<n>
 TUMOUR = "tumor"
 DICOM_CLASS_FOLDERS = {NO_TUMOUR, TUMOUR, "glioma", "meningioma", "pituitary"}
 CONSTANT_STD = 1e-6
@@ -111,17 +113,22 @@ def _is_mask(path: Path) -> bool:
 
 
 def lgg_entries(root: Path, config: IngestConfig) -> list[Entry]:
-    """Slices with a sibling ``_mask`` file; label from the mask, clinical columns from data.csv."""
+    """Slices with a sibling ``_mask`` file; label from the mask, clinical columns from data.csv. Each study is one
+    volume: its slices carry its pseudonym and their number in it (``volume_id``, ``slice_index``), as the slices
+    cut from NIfTI and DICOM volumes do, so a slice's neighbours can be found."""
     clinical = _read_csv(root / LGG_CLINICAL, "Patient", ("Patient",)).set_index("Patient")
+    key = get_settings().secret_key()
     entries = []
     for study in sorted(p for p in root.iterdir() if p.is_dir()):
         masks = {p.stem.removesuffix("_mask"): p for p in study.iterdir() if _is_mask(p) and p.suffix.lower() in IMAGE_SUFFIXES}
         patient = study.name[:12]
         row = clinical.loc[patient] if patient in clinical.index else None
-        extra = _lgg_demographics(row) if row is not None else {}
+        extra = (_lgg_demographics(row) if row is not None else {}) | {"volume_id": pseudonym(f"volume:{study.name}", key, "vol-")}
         for path in sorted(study.iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES and not _is_mask(path):
-                entries.append(Entry(path, str(path.relative_to(root)), subject=patient, mask=masks.get(path.stem), extra=extra))
+                number = LGG_SLICE_NUMBER.search(path.stem)
+                where = {"slice_index": int(number[1]) if number else None}
+                entries.append(Entry(path, str(path.relative_to(root)), subject=patient, mask=masks.get(path.stem), extra=extra | where))
     if not entries:
         raise DataError(root, "no LGG study folders with slices found (expected <root>/<study>/<study>_<n>.tif|png)")
     return entries

@@ -82,6 +82,9 @@ def test_lgg_layout_labels_from_masks_and_joins_clinical_data(tmp_path: Path, su
     assert set(manifest["clinical_gender"]) == {1, 2}
     assert manifest["mask_path"].str.endswith(f"_mask{suffix}").all()
     assert "TCGA_AA_0001" not in "".join(manifest["subject"])
+    assert manifest["slice_index"].tolist() == [1, 2, 3, 1, 2, 3], "the number in the series, from the file name"
+    assert manifest["volume_id"].nunique() == 2 and manifest["volume_id"].str.startswith("vol-").all()
+    assert not any("TCGA" in volume for volume in manifest["volume_id"])
 
 
 def test_lgg_slice_without_mask_is_quarantined(tmp_path: Path):

@@ -26,6 +26,14 @@ def test_good_manifest_passes_with_data_docs(manifest: Path, tmp_path: Path):
     assert (tmp_path / "reports" / stored["data_docs"]).exists()
 
 
+def test_series_slices_without_volume_geometry_are_not_held_to_the_volume_checks(manifest: Path, tmp_path: Path):
+    frame = pd.read_csv(manifest)
+    series = tmp_path / "manifest.csv"  # as LGG's studies: a volume pseudonym and slice numbers, no preprocessing geometry
+    frame.assign(volume_id=frame["subject"].str.replace("sub-", "vol-"), slice_index=range(len(frame))).to_csv(series, index=False)
+    outcome = run(ValidateConfig(manifest=series, report_dir=tmp_path / "reports", min_images=10))
+    assert outcome.success and not outcome.failures
+
+
 def test_single_class_and_blank_images_stop_the_pipeline_with_reasons(manifest: Path, tmp_path: Path):
     frame = pd.read_csv(manifest)
     frame = frame[frame["label"] == "tumor"].assign(std=0.0)
