@@ -169,7 +169,12 @@ def run(
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="synth, ingest, validate, split, train, evaluate, register or package.")],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="A stage of dvc.yaml: synth, feedback, ingest, validate, split, features, classical, train, train_volumes, evaluate, register or package."
+        ),
+    ],
     workdir: Workspace = Path("."),
 ) -> None:
     """Run one DVC stage (and nothing else) with `dvc repro --single-item`; reads and writes what dvc.yaml says."""
