@@ -16,24 +16,24 @@ the kaggle_3m file names (``<study>_<n>.png``).
 
 from __future__ import annotations
 
-import importlib.util
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT))
+sys.path[:0] = [str(PROJECT), str(PROJECT / "bench")]
+
+from components.ingest import LGG_SLICE_NUMBER  # noqa: E402  (the path above first)
+
 FLAIR = 1  # kaggle_3m's channel order: pre-contrast T1, FLAIR, post-contrast T1
-SLICE_NUMBER = re.compile(r"^(.*_)(\d+)(\.\w+)$")
 CHANNELS = {"flair": 3, "all": 5}
 
 
 def neighbour(path: Path, step: int) -> Path:
     """The series' slice ``step`` away, or ``path`` itself at the series' end."""
-    stem, number, suffix = SLICE_NUMBER.match(path.name).groups()
-    other = path.with_name(f"{stem}{int(number) + step}{suffix}")
+    number = LGG_SLICE_NUMBER.search(path.stem)
+    other = path.with_name(f"{path.stem[: number.start(1)]}{int(number[1]) + step}{path.suffix}")
     return other if other.exists() else path
 
 
@@ -42,7 +42,7 @@ def with_context(read_slice, context: str):
 
     def read(source, name=None, color=False):
         image = read_slice(source, name=name, color=color)
-        if not color or isinstance(source, bytes) or SLICE_NUMBER.match(Path(source).name) is None:
+        if not color or isinstance(source, bytes) or LGG_SLICE_NUMBER.search(Path(source).stem) is None:
             return image
         below, above = (read_slice(neighbour(Path(source), step), name=name, color=True)[..., FLAIR] for step in (-1, 1))
         flair = image[..., FLAIR]
@@ -67,9 +67,8 @@ def main() -> None:
     preset_config = components.config.train_config_with_preset
     # TrainConfig accepts 1 or 3 channels (what the product reads); the experiment's network takes more
     components.config.train_config_with_preset = lambda *args: preset_config(*args).model_copy(update={"in_channels": CHANNELS[context]})
-    spec = importlib.util.spec_from_file_location("bench_quality", PROJECT / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    import quality
+
     sys.argv = [str(PROJECT / "bench" / "quality.py"), *arguments]
     print(f"context {context}: {CHANNELS[context]} input channels", flush=True)
     quality.main()

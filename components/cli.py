@@ -171,9 +171,7 @@ def run(
 def stage(
     name: Annotated[
         str,
-        typer.Argument(
-            help="A stage of dvc.yaml: synth, feedback, ingest, validate, split, features, classical, train, train_volumes, evaluate, register or package."
-        ),
+        typer.Argument(help="A stage of dvc.yaml, e.g. train (an unknown name lists them all)."),
     ],
     workdir: Workspace = Path("."),
 ) -> None:

@@ -304,23 +304,26 @@ def _trainer(config: TrainConfig, logger, checkpoints: Path | None):
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    stage_callbacks = []
-    if checkpoints is not None:
-        stage_callbacks = [
+    stage = checkpoints is not None
+    checkpointing = (
+        [
             ModelCheckpoint(dirpath=checkpoints, monitor="val_loss", mode="min", save_last=True),
             EarlyStopping(monitor="val_loss", patience=config.patience),
         ]
+        if stage
+        else []
+    )
     return L.Trainer(
         **_budget(config),
         accelerator="auto",
-        devices=config.devices if stage_callbacks else 1,
-        num_nodes=config.num_nodes if stage_callbacks else 1,
-        strategy="ddp" if stage_callbacks and config.world_size > 1 else "auto",
+        devices=config.devices if stage else 1,
+        num_nodes=config.num_nodes if stage else 1,
+        strategy="ddp" if stage and config.world_size > 1 else "auto",
         use_distributed_sampler=False,  # the data module hands each rank its own partition
         logger=logger,
-        enable_checkpointing=bool(stage_callbacks),
-        callbacks=[*stage_callbacks, *weight_averaging(config)],
-        enable_progress_bar=bool(stage_callbacks) and sys.stdout.isatty(),  # a fold's bar would break up the epoch lines
+        enable_checkpointing=stage,
+        callbacks=[*checkpointing, *weight_averaging(config)],
+        enable_progress_bar=stage and sys.stdout.isatty(),  # a fold's bar would break up the epoch lines
         enable_model_summary=False,
         log_every_n_steps=50,  # metrics are per epoch; logging at every step slowed training (bench/train_throughput.py)
         deterministic=False,
