@@ -1,0 +1,88 @@
+"""Does one image set contain images of another? Checked before weights trained on set A start a network for set B.
+
+Masoud's set is a merge of public sets whose sources are not all documented; if it held TCGA-LGG slices, a network
+pretrained on it would have seen LGG's test patients. Every image of B (each channel of a colour slice, and
+their mean) is compared with every image of A by the correlation of 32×32 thumbnails, the measure ingestion
+groups near-duplicates by (components/dedup.py; consecutive slices of one series correlate 0.97-0.98).
+
+    .venv/bin/python bench/set_overlap.py ../shared/data/masoud-224/Training ../shared/data/lgg-kaggle_3m/kaggle_3m
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.dedup import thumbnail  # noqa: E402
+from components.imaging import read_slice  # noqa: E402
+from components.privacy import pseudonym  # noqa: E402
+from components.settings import get_settings  # noqa: E402
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+THRESHOLDS = (0.90, 0.95, 0.97, 0.98)
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every slice under ``root``; LGG's masks are labels, not images."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
+
+
+def views(path: Path) -> list[np.ndarray]:
+    """The thumbnails a copy of this slice could have been made from: its mean and, for colour, each channel."""
+    image = read_slice(path, color=True)
+    planes = [image] if image.ndim == 2 else [image.mean(axis=2), *np.moveaxis(image, 2, 0)]
+    return [thumbnail(plane) for plane in planes if plane.std() > 0]
+
+
+def closest_matches(reference: np.ndarray, queries: np.ndarray, query_owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query image (over its views): the highest correlation with any reference image, and which one."""
+    similarity = queries @ reference.T
+    best_reference = similarity.argmax(axis=1)
+    best = similarity[np.arange(len(queries)), best_reference]
+    owners = np.unique(query_owner)
+    per_image = np.full(owners.max() + 1, -1.0)
+    which = np.zeros(owners.max() + 1, dtype=int)
+    for view, owner in enumerate(query_owner):
+        if best[view] > per_image[owner]:
+            per_image[owner], which[owner] = best[view], best_reference[view]
+    return per_image, which
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reference", type=Path, help="set A (e.g. the pretraining set)")
+    parser.add_argument("query", type=Path, help="set B (e.g. the set the pretrained network is judged on)")
+    parser.add_argument("--show", type=int, default=5, help="print the closest pairs")
+    args = parser.parse_args()
+    reference_files, reference_views = [], []
+    for path in image_files(args.reference):
+        if seen := views(path):  # a blank image matches nothing
+            reference_files.append(path)
+            reference_views.append(seen[0])
+    query_files = image_files(args.query)
+    query_views, owner = [], []
+    for index, path in enumerate(query_files):
+        for view in views(path):
+            query_views.append(view)
+            owner.append(index)
+    best, which = closest_matches(np.stack(reference_views), np.stack(query_views), np.array(owner))
+    print(f"{len(query_files)} images of {args.query} against {len(reference_files)} of {args.reference}")
+    print(
+        f"highest correlation per image: median {np.median(best):.3f}, 99th percentile {np.quantile(best, 0.99):.3f}, max {best.max():.3f}"
+    )
+    for threshold in THRESHOLDS:
+        print(f"  images at >= {threshold:.2f}: {(best >= threshold).sum()}")
+    key = get_settings().secret_key()  # the workspace's: a slice gets the image_id ingestion gives it
+    for index in np.argsort(-best)[: args.show]:  # file names can hold patient IDs (LGG's TCGA barcodes): pseudonyms only
+        query = pseudonym(str(query_files[index].relative_to(args.query)), key, "img-")
+        match = pseudonym(str(reference_files[which[index]].relative_to(args.reference)), key, "img-")
+        print(f"  {best[index]:.3f}  {args.query.name} {query}  ~  {args.reference.name} {match}")
+
+
+if __name__ == "__main__":
+    main()
