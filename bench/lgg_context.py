@@ -64,9 +64,13 @@ def main() -> None:
     import components.imaging
 
     components.imaging.read_slice = components.dataset.read_slice = with_context(components.imaging.read_slice, context)
-    preset_config = components.config.train_config_with_preset
-    # TrainConfig accepts 1 or 3 channels (what the product reads); the experiment's network takes more
-    components.config.train_config_with_preset = lambda *args: preset_config(*args).model_copy(update={"in_channels": CHANNELS[context]})
+    preset_params = components.config.params_with_preset
+
+    def with_channels(*args):  # TrainConfig accepts 1 or 3 channels (what the product reads); the experiment's network takes more
+        params = preset_params(*args)
+        return params.model_copy(update={"train": params.train.model_copy(update={"in_channels": CHANNELS[context]})})
+
+    components.config.params_with_preset = with_channels
     import quality
 
     sys.argv = [str(PROJECT / "bench" / "quality.py"), *arguments]

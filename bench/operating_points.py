@@ -2,12 +2,12 @@
 
 Run in a workspace after `tumorscope run` (e.g. `--data ../shared/data/masoud-224/Training --preset masoud`).
 The evaluate stage reports the model at its validation-chosen operating threshold; this adds what the issue's
-targets name, all from one pass over the test slices with ``models/``:
+targets name, all from one pass over the test slices with the calibrated model (``models_calibrated/``):
   - ROC-AUC, the best sensitivity at specificity >= --specificity and the best specificity at sensitivity >= --sensitivity;
   - the tumours missed and false alarms at that ROC point (the counts the targets allow);
   - 4-class accuracy, misses and false alarms at P(tumour) 0.5 and at the model's own threshold;
   - with --floors: the threshold re-chosen on the validation slices for each specificity floor (as
-    ``train.specificity_floor`` would choose it, without retraining) and the test figures there;
+    ``calibrate.specificity_floor`` would choose it: `dvc repro` then reruns calibrate onward, not training) and the test figures there;
   - with several --workspace (runs on the same split): each model, then the mean of their probabilities.
 
     .venv/bin/python bench/operating_points.py [--workspace W ...] [--specificity 0.995] [--sensitivity 0.998] [--floors 0.85 0.9]
@@ -43,13 +43,19 @@ def scored(classifier, workspace: Path, rows: pd.DataFrame) -> np.ndarray:
     return classifier.predict_proba([read_slice(path, name=name, color=colour) for path, name in zip(paths, rows["image_id"])])
 
 
+def calibrated(workspace: Path) -> Path:
+    """The model the evaluate stage scored: the calibrate stage's output (``models/`` in workspaces made before it)."""
+    folder = workspace / "models_calibrated"
+    return folder if folder.exists() else workspace / "models"
+
+
 def report(name: str, spec, labels: np.ndarray, probabilities: np.ndarray, args, validation: tuple | None) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from components.config import TrainConfig
+    from components.calibrate import choose_operating_threshold
+    from components.config import CalibrateConfig
     from components.evaluate import roc_points
     from components.model import decide, tumour_probability
-    from components.train import choose_operating_threshold
 
     score, is_tumour = tumour_probability(probabilities, spec), labels != "notumor"
     points = roc_points(is_tumour, score, specificity=args.specificity, sensitivity=args.sensitivity)
@@ -67,7 +73,7 @@ def report(name: str, spec, labels: np.ndarray, probabilities: np.ndarray, args,
     val_labels, val_probabilities = validation
     val_score = tumour_probability(val_probabilities, spec)
     for floor in args.floors:
-        config = TrainConfig(target_sensitivity=args.target_sensitivity, specificity_floor=floor)
+        config = CalibrateConfig(target_sensitivity=args.target_sensitivity, specificity_floor=floor)
         threshold = choose_operating_threshold(val_score, val_labels != "notumor", config)["operating_threshold"]
         chosen = decide(probabilities, spec.model_copy(update={"operating_threshold": threshold}))
         print(f"  floor {floor} (target sensitivity {args.target_sensitivity}): threshold {threshold:.3f}: " + at_threshold(labels, chosen))
@@ -83,13 +89,13 @@ def main() -> None:
     args = parser.parse_args()
     workspaces = args.workspace or [Path(".")]
     for workspace in workspaces:
-        if not (workspace / "data" / "split.csv").exists() or not (workspace / "models" / "model.pt").exists():
+        if not (workspace / "data" / "split.csv").exists() or not (calibrated(workspace) / "model.pt").exists():
             raise SystemExit(f"skipped: no trained model in {workspace.resolve()} (run `tumorscope run` there first)")
     from components.model import Classifier
 
     tests, validations, first_split = [], [], None
     for workspace in workspaces:
-        classifier = Classifier.load(workspace / "models")
+        classifier = Classifier.load(calibrated(workspace))
         spec = classifier.spec
         split = pd.read_csv(workspace / "data" / "split.csv")
         first_split = split[["path", "split"]] if first_split is None else first_split

@@ -11,6 +11,8 @@ It prints, per fold and as mean ± SD across folds:
 
   .venv/bin/python bench/quality.py --data ../shared/data/lgg-kaggle_3m/kaggle_3m --preset lgg --folds 5 --val-parts 2
   .venv/bin/python bench/quality.py --data ../shared/data/masoud-224/Training --preset masoud --folds 5 --max-folds 1
+  .venv/bin/python bench/quality.py --data ../shared/data/lgg-kaggle_3m/kaggle_3m --preset lgg --init-weights W/models/model.pt
+      (W: a workspace after `tumorscope run --data ../shared/data/masoud-224/Training --preset lgg-pretrain`)
 
 Training time per fold is printed too: the targets are set for 2 CPU cores.
 """
@@ -92,7 +94,7 @@ def lesion_peaks(classifier, images: list[np.ndarray]) -> np.ndarray:
 VALIDATION_FIGURES = ("val_sensitivity_at_threshold", "val_specificity_at_threshold")  # where the threshold was chosen
 
 
-def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: float) -> tuple[dict[str, float], pd.DataFrame]:
+def one_fold(params, manifest: pd.DataFrame, role: np.ndarray, k: int, level: float) -> tuple[dict[str, float], pd.DataFrame]:
     """The fold's figures and its test slices' P(tumour)."""
     from sklearn.metrics import roc_auc_score
 
@@ -105,7 +107,7 @@ def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: fl
 
     split = manifest.assign(split=role)
     started = time.perf_counter()
-    classifier, fitted_on_validation = fit_classifier(config, split[split["split"] != "test"])
+    classifier, fitted_on_validation = fit_classifier(params.train, split[split["split"] != "test"], params.calibrate)
     minutes = (time.perf_counter() - started) / 60
     classifier.save(Path.cwd() / f"fold{k}")  # in the run's workspace (printed), for analyses after the run
     test = split[split["split"] == "test"]
@@ -142,23 +144,28 @@ def one_fold(config, manifest: pd.DataFrame, role: np.ndarray, k: int, level: fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--preset", default=None, help="params/<name>.yaml merged over params.yaml's train section")
+    parser.add_argument("--preset", default=None, help="params/<name>.yaml merged over params.yaml (its train and calibrate sections)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--max-folds", type=int, default=None, help="run only N folds (time)")
     parser.add_argument("--start-fold", type=int, default=0, help="the first fold to run (to finish a run in parts)")
     parser.add_argument("--val-parts", type=int, default=1, help="validate on 1/N of the next fold, train on the rest (1: all of it)")
     parser.add_argument("--specificity", type=float, default=0.95, help="ROC operating level for both points")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--init-weights", type=Path, default=None, help="train.init_weights for every fold (e.g. from params/lgg-pretrain.yaml)"
+    )
     args = parser.parse_args()
     if args.val_parts < 1:
         parser.error("--val-parts must be 1 or more")
     if not args.data.is_dir():
         raise SystemExit(f"skipped: {args.data} not found (the shared real data sets are not on this machine)")
-    from components.config import train_config_with_preset
+    from components.config import params_with_preset
 
-    config = train_config_with_preset(args.preset, PROJECT / "params.yaml")
+    params = params_with_preset(args.preset, PROJECT / "params.yaml")
+    config = params.train if args.init_weights is None else params.train.model_copy(update={"init_weights": args.init_weights})
     if config.init_weights is not None:  # read after the move into the workspace below
         config = config.model_copy(update={"init_weights": config.init_weights.resolve()})
+        params = params.model_copy(update={"train": config})
     data = args.data.resolve()
     workspace = Path(tempfile.mkdtemp(prefix="tumorscope-quality-"))
     os.chdir(workspace)  # the ingest and prepared-image caches live here
@@ -170,7 +177,7 @@ def main() -> None:
     rows, scores = [], []
     for k in range(args.start_fold, min(args.folds, args.start_fold + (args.max_folds or args.folds))):
         role = fold_roles(manifest, fold, k, args.val_parts, args.seed)
-        figures, fold_scores = one_fold(config, manifest, role, k, args.specificity)
+        figures, fold_scores = one_fold(params, manifest, role, k, args.specificity)
         rows.append(figures)
         scores.append(fold_scores)
         print(

@@ -128,10 +128,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from components.config import train_config_with_preset
+    from components.config import params_with_preset
     from components.dataset import prepared_images
 
-    config = train_config_with_preset(args.preset, PROJECT / "params.yaml").model_copy(update={"augment": False})
+    config = params_with_preset(args.preset, PROJECT / "params.yaml").train.model_copy(update={"augment": False})
     if args.size:
         config = config.model_copy(update={"image_size": args.size})
     torch.set_num_threads(config.threads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,11 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".zip")  # NIfTI volumes, DICOM fi
 def load_classifier(model: str) -> Classifier:
     """``champion`` (or any alias) from the MLflow registry, or a folder holding model.pt + model.json."""
     if Path(model).is_dir():
+        spec_file = Path(model) / "model.json"
+        if spec_file.exists() and json.loads(spec_file.read_text()).get("calibrated") is False:
+            raise TumorScopeError(
+                f"{model}: the train stage's networks, not yet calibrated: pass the calibrate stage's folder (models_calibrated)"
+            )
         return Classifier.load(Path(model))
     from components.config import load_params
     from components.registry import client, load_version, version_by_alias

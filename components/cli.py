@@ -141,14 +141,16 @@ def run(
     model_name: Annotated[str | None, typer.Option(help="Registered model name for --data (default: from the folder name).")] = None,
     preset: Annotated[
         str | None,
-        typer.Option(help="Settings tuned for a data set: masoud, lgg (params/<name>.yaml) or a YAML file, merged into params.yaml."),
+        typer.Option(
+            help="Settings tuned for a data set: masoud, lgg, lgg-pretrain (params/<name>.yaml) or a YAML file, merged into params.yaml."
+        ),
     ] = None,
     force_from: Annotated[str | None, typer.Option(help="Rerun this stage and all later ones even if up to date.")] = None,
     workdir: Workspace = Path("."),
 ) -> None:
     """Run the whole training pipeline as a Prefect flow over the DVC stages.
 
-    Reads params.yaml and the data source; writes data/, models/, reports/, the MLflow
+    Reads params.yaml and the data source; writes data/, models/, models_calibrated/, reports/, the MLflow
     store (mlflow.db, mlartifacts/) and a built bento (.bentoml/), then prints a summary.
     """
     root = _enter(workdir)
@@ -257,7 +259,9 @@ def ingest(
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Slices (png, jpg, tif), NIfTI volumes (.nii, .nii.gz) or folders of them.")],
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
-    model: Annotated[str, typer.Option(help="'champion' (registry alias) or a folder with model.pt + model.json.")] = "champion",
+    model: Annotated[
+        str, typer.Option(help="'champion' (registry alias) or a calibrated model's folder (models_calibrated).")
+    ] = "champion",
     workdir: Workspace = Path("."),
 ) -> None:
     """Batch prediction: reads images and the model; writes path, predicted_label, confidence, prob_<class>.

@@ -143,8 +143,6 @@ class TrainConfig(Section):
     devices: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
     lr_scaling: Literal["none", "linear"] = "none"
-    target_sensitivity: float | None = Field(None, gt=0, lt=1)  # None: operating threshold 0.5 on P(tumour)
-    specificity_floor: float | None = Field(None, gt=0, lt=1)  # lowest validation specificity the threshold may cost (None: no floor)
     resume: bool = True  # a killed run with the same params and data resumes from its last checkpoint
     checkpoint_root: Path = Path("data/checkpoints")
     init_weights: Path | None = None  # local pretrained weights (state dict or Lightning checkpoint); none are downloaded
@@ -174,6 +172,18 @@ class TrainConfig(Section):
     @property
     def uses_masks(self) -> bool:
         return self.mask_weight > 0
+
+
+class CalibrateConfig(Section):
+    """How the trained networks answer, fitted on validation (components/calibrate.py): changing it re-thresholds
+    the networks the train stage left, without training them again."""
+
+    model_dir: Path = Path("models")  # the train stage's networks
+    split: Path = Path("data/split.csv")
+    out_dir: Path = Path("models_calibrated")  # not under models/: DVC outputs cannot nest
+    target_sensitivity: float | None = Field(None, gt=0, lt=1)  # None: operating threshold 0.5 on P(tumour)
+    specificity_floor: float | None = Field(None, gt=0, lt=1)  # lowest validation specificity the threshold may cost (None: no floor)
+    threads: int = Field(2, ge=1)
 
 
 class VolumeTrainConfig(Section):
@@ -224,7 +234,7 @@ class TuneConfig(Section):
 
 class EvaluateConfig(Section):
     split: Path = Path("data/split.csv")
-    model_dir: Path = Path("models")
+    model_dir: Path = Path("models_calibrated")  # the calibrate stage's output
     report_dir: Path = Path("reports")
     min_group_size: int = Field(20, ge=1)
     bootstrap_resamples: int = Field(1000, ge=0)  # 0: no intervals
@@ -270,6 +280,7 @@ class Params(Section):
     features: FeaturesConfig = FeaturesConfig()
     classical: ClassicalConfig = ClassicalConfig()
     train: TrainConfig = TrainConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
     train_volumes: VolumeTrainConfig = VolumeTrainConfig()
     tune: TuneConfig = TuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -277,14 +288,32 @@ class Params(Section):
     package: PackageConfig = PackageConfig()
     monitor: MonitorConfig = MonitorConfig()
 
+    @model_validator(mode="after")
+    def _evaluate_the_calibrated_model(self) -> Params:
+        # a params file from before the calibrate stage points evaluate at train's networks: uncalibrated, unregistrable
+        if self.evaluate.model_dir == self.train.out_dir:
+            raise ValueError(
+                f"evaluate.model_dir is train.out_dir ({self.train.out_dir}), the uncalibrated networks: set it to "
+                f"calibrate.out_dir ({self.calibrate.out_dir})"
+            )
+        return self
 
-def _describe(error: ValidationError, path: Path, raw: dict) -> str:
+
+# Keys that moved to another section: a params file or preset written before the move says where they went.
+MOVED_KEYS = {
+    "train.target_sensitivity": "calibrate.target_sensitivity",
+    "train.specificity_floor": "calibrate.specificity_floor",
+}
+
+
+def _describe(error: ValidationError, path: Path) -> str:
     lines = []
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"])
         value = problem.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
-        lines.append(f"{path}: {key}{shown}: {problem['msg']}")
+        moved = f" (it moved to {MOVED_KEYS[key]})" if key in MOVED_KEYS else ""
+        lines.append(f"{path}: {key}{shown}: {problem['msg']}{moved}")
     return "\n".join(lines)
 
 
@@ -308,13 +337,20 @@ def preset_overrides(preset: str) -> tuple[Path, dict]:
     return path, overrides
 
 
-def train_config_with_preset(preset: str | None, path: Path = PARAMS_FILE) -> TrainConfig:
-    """params.yaml's train section with a preset's train values over it (benchmarks use the preset's network
-    without touching params.yaml)."""
-    config = load_params(path).train
+def params_with_preset(preset: str | None, path: Path = PARAMS_FILE) -> Params:
+    """params.yaml with a preset's values over it, section by section (benchmarks use a preset's network and
+    operating point without touching params.yaml)."""
+    params = load_params(path)
     if preset is None:
-        return config
-    return TrainConfig.model_validate({**config.model_dump(), **preset_overrides(preset)[1].get("train", {})})
+        return params
+    preset_path, overrides = preset_overrides(preset)
+    merged = params.model_dump(by_alias=True)
+    for section, values in overrides.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as exc:
+        raise TumorScopeError(_describe(exc, preset_path)) from None
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
@@ -328,4 +364,4 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise TumorScopeError(_describe(exc, path, raw)) from None
+        raise TumorScopeError(_describe(exc, path)) from None

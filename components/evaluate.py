@@ -1,7 +1,7 @@
-"""Evaluate: the trained model on the untouched test split.
+"""Evaluate: the calibrated model on the untouched test split.
 
 Writes DVC metrics (``reports/metrics.json``) and plots (ROC curve, confusion
-pairs), logs the same numbers and files to the training MLflow run, and writes
+pairs), logs the same numbers and files to the calibration's MLflow run (the one a version registers), and writes
 the monitoring reference: image statistics and predictions of held-out images,
 in exactly the columns the endpoint records.
 """
@@ -187,10 +187,12 @@ def run(config: EvaluateConfig) -> dict[str, float]:
     metrics.update(_early_detection(config, classifier, test))
     metrics_file.write_text(json.dumps(metrics, indent=2))
     fusion = _clinical_fusion(config, classifier, split, test, probabilities)
-    run_id = json.loads((config.model_dir / "model.json").read_text())["run_id"]
+    identity = json.loads((config.model_dir / "model.json").read_text())
+    run_id = identity["run_id"]  # the calibration's run: the one a registered version is
     explanations = explain_report.write(
-        classifier, test, stats[EMBEDDING_COLUMNS].to_numpy(), run_id, config.report_dir / "explanations", config.explain_tumours
-    )
+        classifier, test, stats[EMBEDDING_COLUMNS].to_numpy(), identity.get("trained_run_id", run_id),
+        config.report_dir / "explanations", config.explain_tumours,
+    )  # fmt: skip
     files = [metrics_file, subgroup_file, REFERENCE_FILE, *plots, *config.report_dir.glob("statistics/*")]
     files += sorted((config.report_dir / "explanations").glob("*"))
     heatmaps = {f"heatmap_{k}": v for k, v in explanations.items()}

@@ -98,10 +98,10 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, path: Path, seed: in
 
 
 def write(
-    classifier: Classifier, test: pd.DataFrame, features: np.ndarray, run_id: str, folder: Path, max_tumours: int
+    classifier: Classifier, test: pd.DataFrame, features: np.ndarray, training_run_id: str, folder: Path, max_tumours: int
 ) -> dict[str, float]:
     folder.mkdir(parents=True, exist_ok=True)
-    training_curves(run_id, folder / "training_curves.png")
+    training_curves(training_run_id, folder / "training_curves.png")
     embedding_map(features, test["label"].to_numpy(), folder / "embedding_tsne.png")
     summary: dict[str, float] = {}
     if "mask_path" in test and max_tumours:

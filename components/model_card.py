@@ -53,6 +53,7 @@ def build_card(model_name: str, version: str, run) -> dict:
         "not_for": NOT_FOR,
         "limitations": LIMITATIONS,
         "data": {"data_hash": params.get("data_hash"), "classes": params.get("classes", "").split(",")},
+        "trained_run_id": run.data.tags.get("tumorscope.trained_run"),  # the calibration's run names its training run
         "training": {k: params[k] for k in sorted(params) if k not in ("data_hash", "classes")},
         "metrics": {name: metrics[f"test_{name}"] for name in TEST_METRICS if f"test_{name}" in metrics},
         "calibration": {name: metrics[name] for name in CALIBRATION_METRICS if name in metrics},
@@ -86,7 +87,8 @@ def _subgroups(run_id: str) -> list[dict]:
 def render_markdown(card: dict) -> str:
     lines = [f"# Model card: {card['model_name']} version {card['model_version']}", "", "## Intended use", card["intended_use"], ""]
     lines += ["## Not for", *[f"- {item}" for item in card["not_for"]], "", "## Data"]
-    lines += [f"- classes: {', '.join(card['data']['classes'])}", f"- data version (split hash): `{card['data']['data_hash']}`", ""]
+    lines += [f"- classes: {', '.join(card['data']['classes'])}", f"- data version (split hash): `{card['data']['data_hash']}`"]
+    lines += [f"- MLflow runs: calibration `{card['run_id']}`, training `{card.get('trained_run_id')}`", ""]
     lines += ["## Test metrics", "| metric | value |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in card["metrics"].items()], ""]
     lines += ["## Calibration and operating point", *[f"- {k}: {v:.4f}" for k, v in card["calibration"].items()], ""]
     if card["subgroups"]:

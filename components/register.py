@@ -1,4 +1,4 @@
-"""Register: the gate between a trained model and the ``champion`` alias.
+"""Register: the gate between a calibrated model and the ``champion`` alias.
 
 Every candidate becomes a registered version (alias ``challenger``, tag
 ``gate=passed|refused``). The ``champion`` alias moves to it only if it meets
@@ -20,11 +20,11 @@ import pandas as pd
 
 from components.comparison import RESAMPLES, Difference, paired_differences
 from components.config import RegisterConfig, load_params
-from components.errors import TumorScopeError
+from components.errors import DataError, TumorScopeError
 from components.registry import CHALLENGER, CHAMPION, client, load_version, version_by_alias
 from components.settings import get_settings
 
-METRICS_FILE, GATE_FILE, MODEL_SPEC = Path("reports/metrics.json"), Path("reports/gate.json"), Path("models/model.json")
+METRICS_FILE, GATE_FILE = Path("reports/metrics.json"), Path("reports/gate.json")
 PREDICTIONS_FILE = Path("reports/test_predictions.csv")
 
 
@@ -107,12 +107,16 @@ def _rescore_or_explain(champion, test: pd.DataFrame, min_group_size: int) -> tu
         )
 
 
-def run(config: RegisterConfig, split_file: Path = Path("data/split.csv"), min_group_size: int = 20) -> GateDecision:
+def run(
+    config: RegisterConfig, split_file: Path = Path("data/split.csv"), min_group_size: int = 20, model_dir: Path = Path("models_calibrated")
+) -> GateDecision:
     import mlflow
 
     registry = client()
     metrics = json.loads(METRICS_FILE.read_text())
-    trained = json.loads(MODEL_SPEC.read_text())
+    calibrated = json.loads((model_dir / "model.json").read_text())
+    if "mlflow_model_uri" not in calibrated:
+        raise DataError(model_dir / "model.json", "not a calibrated model: evaluate.model_dir must be calibrate.out_dir")
     champion = version_by_alias(registry, config.model_name, CHAMPION)
     test = pd.read_csv(split_file).query("split == 'test'").reset_index(drop=True)
     rescored, unscored = _rescore_or_explain(champion, test, min_group_size)
@@ -125,27 +129,29 @@ def run(config: RegisterConfig, split_file: Path = Path("data/split.csv"), min_g
     if unscored:
         decision.promoted = False
         decision.reasons = [unscored, *[r for r in decision.reasons if not r.startswith("meets every")]]
-    candidate = mlflow.register_model(trained["mlflow_model_uri"], config.model_name)
+    candidate = mlflow.register_model(calibrated["mlflow_model_uri"], config.model_name)
     decision.candidate_version = str(candidate.version)
     registry.set_registered_model_alias(config.model_name, CHALLENGER, candidate.version)
     registry.set_model_version_tag(config.model_name, candidate.version, "gate", "passed" if decision.promoted else "refused")
-    registry.set_model_version_tag(config.model_name, candidate.version, "data_hash", trained["data_hash"])
+    registry.set_model_version_tag(config.model_name, candidate.version, "data_hash", calibrated["data_hash"])
+    registry.set_model_version_tag(config.model_name, candidate.version, "trained_run", calibrated.get("trained_run_id", ""))
     if champion:
         decision.champion_version, decision.champion_metrics = str(champion.version), champion_metrics
     if decision.promoted:
         registry.set_registered_model_alias(config.model_name, CHAMPION, candidate.version)
-    _record(decision, config, trained)
+    _record(decision, config, calibrated)
     verdict = "promoted to champion" if decision.promoted else "refused; champion unchanged"
     print(f"gate: {config.model_name} version {candidate.version} {verdict}: " + "; ".join(decision.reasons))
     return decision
 
 
-def _record(decision: GateDecision, config: RegisterConfig, trained: dict) -> None:
+def _record(decision: GateDecision, config: RegisterConfig, calibrated: dict) -> None:
     entry = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "model_name": config.model_name,
-        "run_id": trained["run_id"],
-        "data_hash": trained["data_hash"],
+        "run_id": calibrated["run_id"],
+        "trained_run_id": calibrated.get("trained_run_id"),
+        "data_hash": calibrated["data_hash"],
         **asdict(decision),
     }
     GATE_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +202,8 @@ def main() -> None:
 
     def work() -> GateDecision:
         params = load_params()
-        return run(params.register_, min_group_size=params.evaluate.min_group_size)
+        evaluated = params.evaluate
+        return run(params.register_, evaluated.split, evaluated.min_group_size, evaluated.model_dir)
 
     run_stage(work)
 

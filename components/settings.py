@@ -115,6 +115,8 @@ def apply_runtime_env(root: Path | None = None) -> dict[str, str]:
     defaults = {
         **OFFLINE_ENV,
         "PREFECT_HOME": str(root / ".prefect"),
+        # Prefect's own 20 s for its ephemeral server timed out on 2 cores busy with a training job
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "BENTOML_HOME": str(root / ".bentoml"),
         "MLFLOW_TRACKING_URI": Settings(root=root).tracking_uri,
     }

@@ -1,11 +1,10 @@
 """Train: Lightning fits a MONAI network on the train split, early-stopped on val.
 
 One MLflow run per job (only global rank 0 creates and logs it, also under DDP):
-params, the data hash, per-epoch metrics, the best weights as an MLflow PyTorch
-model, and the model spec. With ``train.members`` > 1 the job trains that many
+params, the data hash and per-epoch metrics. With ``train.members`` > 1 the job trains that many
 networks one after another and ships their ensemble (each network's metrics
 under its own prefix; a killed job keeps the networks it finished). ``models/`` receives ``model.pt`` + ``model.json``
-for the later stages.
+(the best weights and their spec) for the calibrate stage, which fits how they answer and logs them as a model.
 """
 
 from __future__ import annotations
@@ -24,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.config import TrainConfig, load_params
+from components.config import CalibrateConfig, TrainConfig, load_params
 from components.errors import DataError, TumorScopeError
 from components.model import Classifier, ModelSpec, build_network, one_network
 from components.settings import get_settings, use_experiment
-
-MLFLOW_REQUIREMENTS = ["torch==2.13.0", "monai==1.6.1", "numpy<3"]
 
 
 def is_global_zero() -> bool:
@@ -212,7 +209,7 @@ def where_masks_exist(config: TrainConfig, split: pd.DataFrame) -> TrainConfig:
 
 # Params read only after the last epoch (how the trained network answers): a killed run whose user changed only
 # these still resumes, and they apply to the finished network.
-AFTER_TRAINING = {"target_sensitivity", "specificity_floor", "flip_averaging", "lesion_vote"}
+AFTER_TRAINING = {"flip_averaging", "lesion_vote"}
 FINISHED = "finished.pt"  # in a network's checkpoint folder: its best weights, once its training ended
 
 
@@ -519,12 +516,16 @@ def _member_label(k: int, members: int) -> str:
     return f"member {k + 1}/{members}: " if members > 1 else ""
 
 
-def fit_classifier(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, dict[str, float]]:
-    """``_fit``, then calibrated and thresholded on ``split``'s val rows: one fold of a cross-validation
-    (bench/quality.py), answering as a trained model does. Also what was fitted on validation, with the figures
-    there (temperature, thresholds, sensitivity and specificity at the threshold, ECE)."""
+def fit_classifier(
+    config: TrainConfig, split: pd.DataFrame, calibration: CalibrateConfig | None = None
+) -> tuple[Classifier, dict[str, float]]:
+    """``_fit``, then calibrated and thresholded on ``split``'s val rows as the calibrate stage does: one fold of a
+    cross-validation (bench/quality.py), answering as a registered model does. Also what was fitted on validation,
+    with the figures there (temperature, thresholds, sensitivity and specificity at the threshold, ECE)."""
+    from components.calibrate import fit_on_validation
+
     classifier, _ = _fit(config, split)
-    return classifier, _fit_on_validation(classifier, split[split["split"] == "val"], config, sorted(split["label"].unique()))
+    return classifier, fit_on_validation(classifier, split[split["split"] == "val"], calibration or CalibrateConfig())
 
 
 def validation_auc(config: TrainConfig, split: pd.DataFrame) -> float:
@@ -557,8 +558,7 @@ def run(config: TrainConfig) -> dict:
         if not is_global_zero():
             return {}
         classifier = Classifier(spec, one_network([net for net, _ in trained]))
-        calibration = _fit_on_validation(classifier, split[split["split"] == "val"], config, spec.classes)
-        published = _publish(classifier, config, mlflow_run, data_hash, sum(epochs for _, epochs in trained), calibration)
+        published = _publish(classifier, config, mlflow_run, data_hash, sum(epochs for _, epochs in trained))
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing to resume
     return published
 
@@ -601,7 +601,7 @@ def _train_network(
 
 def _network_logger(run_id: str, prefix: str):
     """Lightning's MLflow logger, except that a network's end does not end the run: the job's run goes on to the
-    next network, calibration and the registered model, and ``run`` ends it. A failure in training marks it
+    next network and the saved weights, and ``run`` ends it. A failure in training marks it
     FAILED. (The skipped part of finalize also logs checkpoints as artifacts, which only log_model=True asks for.)"""
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -613,80 +613,16 @@ def _network_logger(run_id: str, prefix: str):
     return NetworkLogger(tracking_uri=get_settings().tracking_uri, run_id=run_id, prefix=prefix)
 
 
-def _fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config: TrainConfig, classes: list[str]) -> dict[str, float]:
-    """What is fitted on validation images (seen neither in training nor in the test): the embedding summary's PCA,
-    the softmax temperature (calibration) and the operating threshold (``choose_operating_threshold``)."""
-    from components.dataset import prepared_images
-    from components.model import EmbeddingProjection, expected_calibration_error, fit_temperature, tumour_probability
-
-    images = prepared_images(validation, config.image_size, channels=config.in_channels)
-
-    def predicted() -> tuple[np.ndarray, np.ndarray]:
-        parts = [classifier.predict_prepared(images[start : start + 256]) for start in range(0, len(images), 256)]
-        return np.concatenate([p for p, _ in parts]), np.concatenate([f for _, f in parts])
-
-    spec = classifier.spec
-    spec.temperature = 1.0
-    probabilities, features = predicted()
-    classifier.projection = EmbeddingProjection.fit(features, images=images)
-    labels = validation["label"].map({label: i for i, label in enumerate(classes)}).to_numpy()
-    temperature = fit_temperature(np.log(np.clip(probabilities, 1e-12, 1)), labels)
-    spec.temperature = temperature
-    calibrated = predicted()[0]  # the scores the endpoint computes, so the threshold sits where it will be compared
-    is_tumour = labels != spec.tumour_free_index
-    operating_point = choose_operating_threshold(tumour_probability(calibrated, spec), is_tumour, config)
-    spec.operating_threshold = operating_point["operating_threshold"]
-    return {
-        "calibration_temperature": temperature,
-        **operating_point,
-        "val_ece_uncalibrated": expected_calibration_error(probabilities, labels),
-        "val_ece_calibrated": expected_calibration_error(calibrated, labels),
-    }
-
-
-def choose_operating_threshold(score: np.ndarray, is_tumour: np.ndarray, config: TrainConfig) -> dict[str, float]:
-    """P(tumour) at which the model answers 'tumour': the one for ``train.target_sensitivity`` (0.5 without one),
-    raised where it would cost more validation specificity than ``train.specificity_floor`` allows. Raising it
-    gives up sensitivity in the open: both thresholds and the validation figures at the chosen one go to the run
-    and the model card (a figure without the slices to define it is left out, not NaN)."""
-    from components.model import threshold_for_sensitivity, threshold_for_specificity
-
-    for_target = 0.5 if config.target_sensitivity is None else threshold_for_sensitivity(score, is_tumour, config.target_sensitivity)
-    threshold = for_target
-    if config.specificity_floor is not None and (~is_tumour).any():
-        threshold = max(for_target, threshold_for_specificity(score, is_tumour, config.specificity_floor))
-    point = {"operating_threshold": threshold, "threshold_for_target_sensitivity": for_target}
-    if is_tumour.any():
-        point["val_sensitivity_at_threshold"] = float((score[is_tumour] >= threshold).mean())
-    if (~is_tumour).any():
-        point["val_specificity_at_threshold"] = float((score[~is_tumour] < threshold).mean())
-    if threshold > for_target:
-        print(
-            f"operating threshold raised from {for_target:.3f} (train.target_sensitivity) to {threshold:.3f} by "
-            f"train.specificity_floor {config.specificity_floor}: validation sensitivity there "
-            f"{point.get('val_sensitivity_at_threshold', float('nan')):.3f}",
-            flush=True,
-        )
-    return point
-
-
-def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash: str, epochs: int, calibration: dict[str, float]) -> dict:
-    """Save weights + spec for the next stages and the same model to MLflow."""
+def _publish(classifier: Classifier, config: TrainConfig, mlflow_run, data_hash: str, epochs: int) -> dict:
+    """Save the networks and their spec for the calibrate stage, which fits how they answer and logs them as the
+    model that can be registered."""
     import mlflow
 
     run_id = mlflow_run.info.run_id
-    info = mlflow.pytorch.log_model(classifier.net, name="model", serialization_format="pickle", pip_requirements=MLFLOW_REQUIREMENTS)
-    mlflow.log_dict(classifier.spec.model_dump(), "tumorscope/model.json")
-    mlflow.log_dict(classifier.projection.model_dump(), "tumorscope/embedding.json")
-    mlflow.log_metrics({"epochs_trained": epochs, **calibration})
-    extra = {"run_id": run_id, "mlflow_model_uri": info.model_uri, "data_hash": data_hash}
+    mlflow.log_metric("epochs_trained", epochs)
+    extra = {"run_id": run_id, "data_hash": data_hash, "calibrated": False}  # temperature 1 and threshold 0.5 until calibrate
     classifier.save(config.out_dir, extra)
-    print(
-        f"trained {epochs} epochs; temperature {calibration['calibration_temperature']:.2f} (val ECE "
-        f"{calibration['val_ece_uncalibrated']:.3f} -> {calibration['val_ece_calibrated']:.3f}), operating threshold "
-        f"{calibration['operating_threshold']:.3f} (validation sensitivity {calibration.get('val_sensitivity_at_threshold', float('nan')):.3f}, "
-        f"specificity {calibration.get('val_specificity_at_threshold', float('nan')):.3f}); MLflow run {run_id}"
-    )
+    print(f"trained {epochs} epochs; MLflow run {run_id}", flush=True)
     return extra
 
 

@@ -27,8 +27,8 @@ from components.errors import TumorScopeError
 from components.settings import apply_runtime_env
 from components.stage import ERROR_MARK
 
-STAGES = ("synth", "feedback", "ingest", "validate", "split", "features", "classical", "train", "train_volumes", "evaluate",
-          "register", "package")  # fmt: skip
+STAGES = ("synth", "feedback", "ingest", "validate", "split", "features", "classical", "train", "calibrate", "train_volumes",
+          "evaluate", "register", "package")  # fmt: skip
 SKIPPED_MARK = "didn't change, skipping"
 
 

@@ -63,13 +63,15 @@ def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, m
     monkeypatch.chdir(tmp_path)
     _apply_preset("lgg")
     preset = yaml.safe_load((PRESET_DIR / "lgg.yaml").read_text())["train"]
-    train = load_params(tmp_path / "params.yaml").train
+    params = load_params(tmp_path / "params.yaml")
+    train, calibrate = params.train, params.calibrate
     assert train.in_channels == preset["in_channels"] == 3 and train.precision == preset["precision"]
-    assert train.target_sensitivity == 0.95, "keys the preset does not name keep their values"
+    assert calibrate.specificity_floor == 0.9, "every section the preset names is merged"
+    assert calibrate.target_sensitivity == 0.95, "keys the preset does not name keep their values"
     assert "# TumorScope pipeline parameters" in (tmp_path / "params.yaml").read_text(), "comments are kept"
     (tmp_path / "bad.yaml").write_text("trian:\n  epochs: 3\n")
     result = subprocess.run([*CLI, "run", "--preset", str(tmp_path / "bad.yaml")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and "unknown params.yaml sections ['trian']" in result.stderr
     assert "Traceback" not in result.stderr
     result = subprocess.run([*CLI, "run", "--preset", "nope"], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode != 0 and "no such preset (presets: lgg, masoud" in result.stderr
+    assert result.returncode != 0 and "no such preset (presets: lgg, lgg-pretrain, masoud" in result.stderr

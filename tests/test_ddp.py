@@ -85,8 +85,8 @@ def test_two_nodes_under_torchrun_train_one_model_like_one_process(tmp_path: Pat
     split = pd.read_csv(root / "data" / "split.csv")
     n_train, n_val = (int((split["split"] == part).sum()) for part in ("train", "val"))
     half = lambda n: -(-n // 2)  # noqa: E731
-    # rank 0 and rank 1 each prepared their half of train and of val; rank 0 also the whole val set (embedding PCA)
-    assert _cached_row_counts(root) == sorted([half(n_train), half(n_train), half(n_val), half(n_val), n_val])
+    # rank 0 and rank 1 each prepared their half of train and of val (the whole val set is the calibrate stage's)
+    assert _cached_row_counts(root) == sorted([half(n_train), half(n_train), half(n_val), half(n_val)])
     assert _cached_row_counts(root, masks=True) == [half(n_train), half(n_train)], "the lesion masks of each rank's train half"
 
     params = root / "params.yaml"

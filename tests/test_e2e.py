@@ -74,23 +74,44 @@ def test_mlflow_run_holds_params_epoch_metrics_model_and_champion(workspace: Pat
 
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("tumorscope-synth", "champion")
-    run = client.get_run(champion.run_id)
+    run = client.get_run(champion.run_id)  # the calibration's run: the networks, how they answer, the training params
     assert run.data.params["epochs"] == "2" and "data_hash" in run.data.params
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    assert run.data.params["target_sensitivity"] == "0.95" and "operating_threshold" in run.data.metrics
     assert "test_roc_auc" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"evaluation", "tumorscope"} <= artifacts
+    training = client.get_run(run.data.tags["tumorscope.trained_run"])
+    assert training.info.run_id != run.info.run_id and training.info.experiment_id == run.info.experiment_id
+    assert len(client.get_metric_history(training.info.run_id, "val_loss")) == 2
+
+
+def ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
 def test_nothing_changed_is_a_no_op_and_a_train_param_reruns_train_onward(workspace: Path):
-    def ran(output: str) -> set[str]:
-        return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
-
     # the feedback stage always runs (it reads the prediction log); with no new labels nothing after it does
     assert ran(dvc(workspace, "repro")) == {"feedback"}
     params = workspace / "params.yaml"
     params.write_text(params.read_text().replace("epochs: 2", "epochs: 3"))
-    assert ran(dvc(workspace, "repro")) == {"feedback", "train", "evaluate", "register", "package"}
+    assert ran(dvc(workspace, "repro")) == {"feedback", "train", "calibrate", "evaluate", "register", "package"}
+
+
+def test_a_new_operating_point_recalibrates_the_same_networks_without_training(workspace: Path):
+    import mlflow
+
+    networks = (workspace / "models" / "model.pt").read_bytes()
+    before = json.loads((workspace / "models_calibrated" / "model.json").read_text())
+    params = workspace / "params.yaml"
+    params.write_text(params.read_text().replace("specificity_floor: 0.85", "specificity_floor: 0.97"))
+    assert ran(dvc(workspace, "repro")) == {"feedback", "calibrate", "evaluate", "register", "package"}
+    after = json.loads((workspace / "models_calibrated" / "model.json").read_text())
+    assert (workspace / "models" / "model.pt").read_bytes() == networks
+    assert after["trained_run_id"] == before["trained_run_id"] and after["run_id"] != before["run_id"]
+    assert after["operating_threshold"] >= before["operating_threshold"], "a higher floor can only raise it"
+    run = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(after["run_id"])
+    assert run.data.params["specificity_floor"] == "0.97" and run.data.tags["tumorscope.trained_run"] == before["trained_run_id"]
+    assert read(workspace, "gate.json")["run_id"] == after["run_id"], "the gate judged the new calibration"
 
 
 def test_batch_prediction_writes_one_row_per_image_with_class_probabilities(workspace: Path, tmp_path: Path):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.config import TrainConfig
+from components.config import CalibrateConfig, TrainConfig
 from components.errors import TumorScopeError
 from components.settings import get_settings
 from components.train import rank_partition, torchrun_command
@@ -43,23 +43,6 @@ def settings_env(monkeypatch):
     get_settings.cache_clear()
     yield monkeypatch
     get_settings.cache_clear()
-
-
-def test_the_specificity_floor_raises_a_threshold_the_sensitivity_target_set_on_one_hard_tumour():
-    from components.train import choose_operating_threshold
-
-    rng = np.random.default_rng(3)
-    negatives, tumours = rng.beta(1, 8, 200), np.r_[rng.beta(8, 1, 19), 0.02]  # one tumour slice scores like the negatives
-    score, is_tumour = np.r_[negatives, tumours], np.r_[np.zeros(200, bool), np.ones(20, bool)]
-    for_sensitivity = choose_operating_threshold(score, is_tumour, TrainConfig(target_sensitivity=0.95))["operating_threshold"]
-    with_floor = choose_operating_threshold(score, is_tumour, TrainConfig(target_sensitivity=0.95, specificity_floor=0.9))
-    assert for_sensitivity == pytest.approx(0.02), "20 tumours: the Wilson bound misses none, so the hardest sets it"
-    assert with_floor["threshold_for_target_sensitivity"] == for_sensitivity < with_floor["operating_threshold"]
-    assert with_floor["val_specificity_at_threshold"] >= 0.9 > (negatives < for_sensitivity).mean()
-    assert with_floor["val_sensitivity_at_threshold"] == pytest.approx(19 / 20), "the hard tumour is given up, in the open"
-    assert choose_operating_threshold(score, is_tumour, TrainConfig(specificity_floor=0.9))["operating_threshold"] == 0.5, "only raises"
-    only_negatives = choose_operating_threshold(negatives, np.zeros(200, bool), TrainConfig(target_sensitivity=0.95))
-    assert "val_sensitivity_at_threshold" not in only_negatives, "undefined, so left out rather than NaN"
 
 
 def test_one_node_trains_in_process(settings_env):
@@ -314,9 +297,9 @@ def test_fit_classifier_with_mixup_bf16_and_flip_averaging_learns_a_lesion_in_on
     split = _toy_split(tmp_path)
     config = TrainConfig(
         image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=12, batch_size=16, mixup=0.4,
-        precision="bf16-mixed", flip_averaging=True, target_sensitivity=0.9, threads=1,
+        precision="bf16-mixed", flip_averaging=True, threads=1,
     )  # fmt: skip
-    classifier, _ = fit_classifier(config, split[split["split"] != "test"])
+    classifier, _ = fit_classifier(config, split[split["split"] != "test"], CalibrateConfig(target_sensitivity=0.9))
     assert classifier.spec.in_channels == 3 and classifier.spec.flip_averaging
     assert 0 < classifier.spec.operating_threshold < 1 and classifier.spec.temperature != 1.0
     test = split[split["split"] == "test"]
@@ -359,22 +342,24 @@ def test_a_lesion_map_learnt_from_masks_finds_the_lesion(tmp_path, monkeypatch):
     import torch
     from sklearn.metrics import roc_auc_score
 
+    from components.calibrate import choose_operating_threshold
     from components.dataset import prepared_images, prepared_masks
     from components.model import tumour_probability
-    from components.train import choose_operating_threshold, fit_classifier
+    from components.train import fit_classifier
 
     monkeypatch.chdir(tmp_path)
     split = _toy_split(tmp_path, masks=True)
     config = TrainConfig(
         image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=20, batch_size=8, mixup=0.2, mask_weight=1.0,
-        lesion_vote=True, target_sensitivity=0.9, threads=1,
+        lesion_vote=True, threads=1,
     )  # fmt: skip
-    classifier, fitted = fit_classifier(config, split[split["split"] != "test"])
+    calibration = CalibrateConfig(target_sensitivity=0.9)
+    classifier, fitted = fit_classifier(config, split[split["split"] != "test"], calibration)
     assert classifier.spec.lesion_head and classifier.spec.lesion_vote
     validation = split[split["split"] == "val"]
     served = tumour_probability(classifier.predict_prepared(prepared_images(validation, 32, channels=3))[0], classifier.spec)
     is_tumour = (validation["label"] == "tumor").to_numpy()
-    point = choose_operating_threshold(served, is_tumour, config)
+    point = choose_operating_threshold(served, is_tumour, calibration)
     assert point == {name: fitted[name] for name in point}, "chosen on the scores the endpoint computes (vote and temperature included)"
     test = split[(split["split"] == "test") & (split["label"] == "tumor")]
     images = prepared_images(split[split["split"] == "test"], 32, channels=3)
@@ -452,10 +437,8 @@ def test_the_moving_average_ramps_up_to_its_decay():
 def test_a_killed_run_resumes_when_only_how_the_finished_network_answers_changed(tmp_path):
     from components.train import checkpoint_folder
 
-    config = TrainConfig(checkpoint_root=tmp_path, target_sensitivity=0.95)
-    answering = config.model_copy(
-        update={"target_sensitivity": 0.99, "specificity_floor": 0.9, "flip_averaging": True, "lesion_vote": True}
-    )
+    config = TrainConfig(checkpoint_root=tmp_path)
+    answering = config.model_copy(update={"flip_averaging": True, "lesion_vote": True})
     assert checkpoint_folder(answering, "d1") == checkpoint_folder(config, "d1")
     assert checkpoint_folder(config.model_copy(update={"learning_rate": 0.01}), "d1") != checkpoint_folder(config, "d1")
     assert checkpoint_folder(config, "d2") != checkpoint_folder(config, "d1")
