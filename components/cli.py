@@ -105,20 +105,12 @@ def _point_params_at(data: Path, model_name: str | None) -> None:
     )
 
 
-def _merge(target, overrides: dict) -> None:
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
-        else:
-            target[key] = value
-
-
 def _apply_preset(preset: str) -> None:
     """Merge a data set's tuned settings into params.yaml, keeping its comments: the preset's values become the
     workspace's versioned params, so `dvc repro` reproduces them."""
     from ruamel.yaml import YAML
 
-    from components.config import preset_overrides
+    from components.config import merge_into, preset_overrides
 
     path, overrides = preset_overrides(preset)
     yaml = YAML()
@@ -127,7 +119,7 @@ def _apply_preset(preset: str) -> None:
     unknown = sorted(set(overrides) - set(params))
     if unknown:
         _fail(f"{path}: unknown params.yaml sections {unknown}")
-    _merge(params, overrides)
+    merge_into(params, overrides)
     with params_file.open("w") as handle:
         yaml.dump(params, handle)
     typer.echo(f"params.yaml: {path.name} applied ({', '.join(f'{k}.*' for k in overrides)})")

@@ -337,6 +337,16 @@ def preset_overrides(preset: str) -> tuple[Path, dict]:
     return path, overrides
 
 
+def merge_into(target: dict, overrides: dict) -> None:
+    """``overrides`` written over ``target`` key by key, nested mappings merged rather than replaced (a preset that
+    sets ``ingest.volume.spacing`` keeps the rest of ``ingest.volume``). In place, so a comment-keeping YAML map stays one."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
 def params_with_preset(preset: str | None, path: Path = PARAMS_FILE) -> Params:
     """params.yaml with a preset's values over it, section by section (benchmarks use a preset's network and
     operating point without touching params.yaml)."""
@@ -345,8 +355,7 @@ def params_with_preset(preset: str | None, path: Path = PARAMS_FILE) -> Params:
         return params
     preset_path, overrides = preset_overrides(preset)
     merged = params.model_dump(by_alias=True)
-    for section, values in overrides.items():
-        merged[section] = {**merged.get(section, {}), **values}
+    merge_into(merged, overrides)
     try:
         return Params.model_validate(merged)
     except ValidationError as exc:

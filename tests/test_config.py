@@ -49,3 +49,16 @@ def test_a_lesion_vote_without_a_lesion_map_is_refused(tmp_path: Path):
         load_params(bad)
     bad.write_text("train:\n  lesion_vote: true\n  mask_weight: 0.5\n")
     assert load_params(bad).train.lesion_vote
+
+
+def test_a_preset_merges_nested_keys_into_every_section_it_names(tmp_path):
+    from components.config import params_with_preset
+
+    preset = tmp_path / "site.yaml"
+    preset.write_text("ingest:\n  volume:\n    crop_margin: 9\ncalibrate:\n  specificity_floor: 0.9\n")
+    params = params_with_preset(str(preset), PROJECT / "params.yaml")
+    assert params.ingest.volume.crop_margin == 9 and params.ingest.volume.slice_sequences == ["t1", "flair", "t1c"], "the rest kept"
+    assert params.calibrate.specificity_floor == 0.9 and params.calibrate.target_sensitivity == 0.95
+    preset.write_text("train:\n  specificity_floor: 0.9\n")
+    with pytest.raises(TumorScopeError, match=r"site.yaml: train.specificity_floor = 0.9: .*moved to calibrate.specificity_floor"):
+        params_with_preset(str(preset), PROJECT / "params.yaml")
