@@ -110,7 +110,7 @@ def _apply_preset(preset: str) -> None:
     workspace's versioned params, so `dvc repro` reproduces them."""
     from ruamel.yaml import YAML
 
-    from components.config import merge_into, preset_overrides
+    from components.config import merge_into, params_with_preset, preset_overrides
 
     path, overrides = preset_overrides(preset)
     yaml = YAML()
@@ -119,6 +119,7 @@ def _apply_preset(preset: str) -> None:
     unknown = sorted(set(overrides) - set(params))
     if unknown:
         _fail(f"{path}: unknown params.yaml sections {unknown}")
+    params_with_preset(preset, params_file)  # every value checked, the preset named, before params.yaml changes
     merge_into(params, overrides)
     with params_file.open("w") as handle:
         yaml.dump(params, handle)

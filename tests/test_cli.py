@@ -73,5 +73,10 @@ def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, m
     result = subprocess.run([*CLI, "run", "--preset", str(tmp_path / "bad.yaml")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and "unknown params.yaml sections ['trian']" in result.stderr
     assert "Traceback" not in result.stderr
+    before = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "old.yaml").write_text("train:\n  epochs: 3\n  target_sensitivity: 0.9\n")  # written before the calibrate stage
+    result = subprocess.run([*CLI, "run", "--preset", str(tmp_path / "old.yaml")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "old.yaml: train.target_sensitivity = 0.9" in result.stderr and "moved to calibrate" in result.stderr
+    assert (tmp_path / "params.yaml").read_text() == before, "a refused preset changes nothing"
     result = subprocess.run([*CLI, "run", "--preset", "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and "no such preset (presets: lgg, lgg-pretrain, masoud" in result.stderr
