@@ -16,6 +16,7 @@ targets name, all from one pass over the test slices with the calibrated model (
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -46,7 +47,12 @@ def scored(classifier, workspace: Path, rows: pd.DataFrame) -> np.ndarray:
 def calibrated(workspace: Path) -> Path:
     """The model the evaluate stage scored: the calibrate stage's output (``models/`` in workspaces made before it)."""
     folder = workspace / "models_calibrated"
-    return folder if folder.exists() else workspace / "models"
+    if folder.exists():
+        return folder
+    spec = workspace / "models" / "model.json"
+    if spec.exists() and json.loads(spec.read_text()).get("calibrated") is False:
+        raise SystemExit(f"{workspace}: its networks are not calibrated yet (run `tumorscope run` there to the end)")
+    return workspace / "models"
 
 
 def report(name: str, spec, labels: np.ndarray, probabilities: np.ndarray, args, validation: tuple | None) -> None:

@@ -32,9 +32,10 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
 
 
-def views(path: Path) -> list[np.ndarray]:
-    """The thumbnails a copy of this slice could have been made from: its mean and, for colour, each channel."""
-    image = read_slice(path, color=True)
+def views(path: Path, name: str) -> list[np.ndarray]:
+    """The thumbnails a copy of this slice could have been made from: its mean and, for colour, each channel.
+    ``name`` names the file in errors (its path can hold a patient ID)."""
+    image = read_slice(path, name=name, color=True)
     planes = [image] if image.ndim == 2 else [image.mean(axis=2), *np.moveaxis(image, 2, 0)]
     return [thumbnail(plane) for plane in planes if plane.std() > 0]
 
@@ -59,29 +60,31 @@ def main() -> None:
     parser.add_argument("query", type=Path, help="set B (e.g. the set the pretrained network is judged on)")
     parser.add_argument("--show", type=int, default=5, help="print the closest pairs")
     args = parser.parse_args()
-    reference_files, reference_views = [], []
-    for path in image_files(args.reference):
-        if seen := views(path):  # a blank image matches nothing
-            reference_files.append(path)
-            reference_views.append(seen[0])
-    query_files = image_files(args.query)
-    query_views, owner = [], []
-    for index, path in enumerate(query_files):
-        for view in views(path):
-            query_views.append(view)
-            owner.append(index)
+    key = get_settings().secret_key()  # the workspace's: a slice gets the image_id ingestion gives it
+
+    def thumbnails(root: Path, every_view: bool) -> tuple[list[str], list[np.ndarray], list[int]]:
+        """Pseudonyms of the images with any content, their views, and which image each view is of."""
+        names, kept, owner = [], [], []
+        for path in image_files(root):
+            name = pseudonym(str(path.relative_to(root)), key, "img-")
+            seen = views(path, name)[: None if every_view else 1]  # a blank image matches nothing: left out
+            if seen:
+                kept += seen
+                owner += [len(names)] * len(seen)
+                names.append(name)
+        return names, kept, owner
+
+    reference_names, reference_views, _ = thumbnails(args.reference, every_view=False)
+    query_names, query_views, owner = thumbnails(args.query, every_view=True)
     best, which = closest_matches(np.stack(reference_views), np.stack(query_views), np.array(owner))
-    print(f"{len(query_files)} images of {args.query} against {len(reference_files)} of {args.reference}")
+    print(f"{len(query_names)} images of {args.query} against {len(reference_names)} of {args.reference} (blank ones left out)")
     print(
         f"highest correlation per image: median {np.median(best):.3f}, 99th percentile {np.quantile(best, 0.99):.3f}, max {best.max():.3f}"
     )
     for threshold in THRESHOLDS:
         print(f"  images at >= {threshold:.2f}: {(best >= threshold).sum()}")
-    key = get_settings().secret_key()  # the workspace's: a slice gets the image_id ingestion gives it
     for index in np.argsort(-best)[: args.show]:  # file names can hold patient IDs (LGG's TCGA barcodes): pseudonyms only
-        query = pseudonym(str(query_files[index].relative_to(args.query)), key, "img-")
-        match = pseudonym(str(reference_files[which[index]].relative_to(args.reference)), key, "img-")
-        print(f"  {best[index]:.3f}  {args.query.name} {query}  ~  {args.reference.name} {match}")
+        print(f"  {best[index]:.3f}  {args.query.name} {query_names[index]}  ~  {args.reference.name} {reference_names[which[index]]}")
 
 
 if __name__ == "__main__":

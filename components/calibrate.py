@@ -6,7 +6,7 @@ weight, so they are a stage of their own: a new operating point reruns this stag
 training (30 minutes on Masoud).
 
 Each calibration is its own MLflow run, in the training run's experiment and tagged with it: the networks (logged
-again, a few MB), the spec they answer by, the training params and this stage's own. A registered version is
+here, not by training: a few MB per calibration), the spec they answer by, the training params and this stage's own. A registered version is
 that one run, so re-thresholding never rewrites a version already registered.
 """
 

@@ -313,7 +313,8 @@ def _describe(error: ValidationError, path: Path) -> str:
         value = problem.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
         moved = f" (it moved to {MOVED_KEYS[key]})" if key in MOVED_KEYS else ""
-        lines.append(f"{path}: {key}{shown}: {problem['msg']}{moved}")
+        where = f"{key}{shown}: " if key else ""  # a check across sections has no single key
+        lines.append(f"{path}: {where}{problem['msg']}{moved}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ NOT_FOR = [
     "lesion size, grade or outline: the heatmap shows what drove the score, it is not a segmentation",
 ]
 LIMITATIONS = [
-    "trained from scratch on the data named below; public research sets and the synthetic cohort are not a hospital's case mix",
+    "trained on the data named below (and, where the training parameters name init_weights, started from those weights); "
+    "public research sets and the synthetic cohort are not a hospital's case mix",
     "test figures come from one leak-free held-out split (subjects and near-duplicates kept together), not from external validation",
     "subgroups smaller than the evaluation's minimum group size are reported but not judged",
     "small lesions are the hardest: see the lesion-size curve where the evaluation produced one",
@@ -88,7 +89,8 @@ def render_markdown(card: dict) -> str:
     lines = [f"# Model card: {card['model_name']} version {card['model_version']}", "", "## Intended use", card["intended_use"], ""]
     lines += ["## Not for", *[f"- {item}" for item in card["not_for"]], "", "## Data"]
     lines += [f"- classes: {', '.join(card['data']['classes'])}", f"- data version (split hash): `{card['data']['data_hash']}`"]
-    lines += [f"- MLflow runs: calibration `{card['run_id']}`, training `{card.get('trained_run_id')}`", ""]
+    training = f", training `{card['trained_run_id']}`" if card.get("trained_run_id") else ""  # versions before the calibrate stage
+    lines += [f"- MLflow runs: calibration `{card['run_id']}`{training}", ""]
     lines += ["## Test metrics", "| metric | value |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in card["metrics"].items()], ""]
     lines += ["## Calibration and operating point", *[f"- {k}: {v:.4f}" for k, v in card["calibration"].items()], ""]
     if card["subgroups"]:

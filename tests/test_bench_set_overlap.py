@@ -27,4 +27,4 @@ def test_a_colour_slice_is_compared_by_its_mean_and_each_channel_and_a_blank_one
     Image.fromarray(np.zeros((48, 48), np.uint8)).save(tmp_path / "blank.png")
     Image.fromarray(colour[..., 0]).save(tmp_path / "slice_mask.png")
     assert [p.name for p in overlap.image_files(tmp_path)] == ["blank.png", "slice.png"], "masks are labels, not images"
-    assert len(overlap.views(tmp_path / "slice.png")) == 3 and overlap.views(tmp_path / "blank.png") == []
+    assert len(overlap.views(tmp_path / "slice.png", "img-1")) == 3 and overlap.views(tmp_path / "blank.png", "img-2") == []

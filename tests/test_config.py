@@ -54,11 +54,13 @@ def test_a_lesion_vote_without_a_lesion_map_is_refused(tmp_path: Path):
 def test_a_preset_merges_nested_keys_into_every_section_it_names(tmp_path):
     from components.config import params_with_preset
 
+    base = tmp_path / "params.yaml"  # a neighbour off its default, so that replacing ingest.volume whole would show
+    base.write_text((PROJECT / "params.yaml").read_text().replace("slice_sequences: [t1, flair, t1c]", "slice_sequences: [flair]"))
     preset = tmp_path / "site.yaml"
     preset.write_text("ingest:\n  volume:\n    crop_margin: 9\ncalibrate:\n  specificity_floor: 0.9\n")
-    params = params_with_preset(str(preset), PROJECT / "params.yaml")
-    assert params.ingest.volume.crop_margin == 9 and params.ingest.volume.slice_sequences == ["t1", "flair", "t1c"], "the rest kept"
+    params = params_with_preset(str(preset), base)
+    assert params.ingest.volume.crop_margin == 9 and params.ingest.volume.slice_sequences == ["flair"], "the rest kept"
     assert params.calibrate.specificity_floor == 0.9 and params.calibrate.target_sensitivity == 0.95
     preset.write_text("train:\n  specificity_floor: 0.9\n")
     with pytest.raises(TumorScopeError, match=r"site.yaml: train.specificity_floor = 0.9: .*moved to calibrate.specificity_floor"):
-        params_with_preset(str(preset), PROJECT / "params.yaml")
+        params_with_preset(str(preset), base)
