@@ -16,7 +16,6 @@ targets name, all from one pass over the test slices with the calibrated model (
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -46,12 +45,16 @@ def scored(classifier, workspace: Path, rows: pd.DataFrame) -> np.ndarray:
 
 def calibrated(workspace: Path) -> Path:
     """The model the evaluate stage scored: the calibrate stage's output (``models/`` in workspaces made before it)."""
+    from components.calibrate import refuse_uncalibrated
+    from components.errors import TumorScopeError
+
     folder = workspace / "models_calibrated"
     if folder.exists():
         return folder
-    spec = workspace / "models" / "model.json"
-    if spec.exists() and json.loads(spec.read_text()).get("calibrated") is False:
-        raise SystemExit(f"{workspace}: its networks are not calibrated yet (run `tumorscope run` there to the end)")
+    try:
+        refuse_uncalibrated(workspace / "models")
+    except TumorScopeError as exc:
+        raise SystemExit(str(exc)) from None
     return workspace / "models"
 
 

@@ -162,10 +162,10 @@ def main() -> None:
     from components.config import params_with_preset
 
     params = params_with_preset(args.preset, PROJECT / "params.yaml")
-    config = params.train if args.init_weights is None else params.train.model_copy(update={"init_weights": args.init_weights})
-    if config.init_weights is not None:  # read after the move into the workspace below
-        config = config.model_copy(update={"init_weights": config.init_weights.resolve()})
-        params = params.model_copy(update={"train": config})
+    init_weights = args.init_weights or params.train.init_weights
+    if init_weights is not None:  # resolved here: they are read after the move into the workspace below
+        params = params.model_copy(update={"train": params.train.model_copy(update={"init_weights": init_weights.resolve()})})
+    config = params.train
     data = args.data.resolve()
     workspace = Path(tempfile.mkdtemp(prefix="tumorscope-quality-"))
     os.chdir(workspace)  # the ingest and prepared-image caches live here

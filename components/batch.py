@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from components.calibrate import refuse_uncalibrated
 from components.errors import DataError, TumorScopeError
 from components.imaging import IMAGE_SUFFIXES, list_images, read_slice
 from components.model import Classifier
@@ -19,11 +19,7 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".zip")  # NIfTI volumes, DICOM fi
 def load_classifier(model: str) -> Classifier:
     """``champion`` (or any alias) from the MLflow registry, or a folder holding model.pt + model.json."""
     if Path(model).is_dir():
-        spec_file = Path(model) / "model.json"
-        if spec_file.exists() and json.loads(spec_file.read_text()).get("calibrated") is False:
-            raise TumorScopeError(
-                f"{model}: the train stage's networks, not yet calibrated: pass the calibrate stage's folder (models_calibrated)"
-            )
+        refuse_uncalibrated(Path(model))
         return Classifier.load(Path(model))
     from components.config import load_params
     from components.registry import client, load_version, version_by_alias

@@ -13,12 +13,13 @@ that one run, so re-thresholding never rewrites a version already registered.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from components.config import CalibrateConfig, load_params
-from components.errors import DataError
+from components.errors import DataError, TumorScopeError
 from components.model import Classifier
 from components.settings import get_settings
 
@@ -80,6 +81,16 @@ def choose_operating_threshold(score: np.ndarray, is_tumour: np.ndarray, config:
             flush=True,
         )
     return point
+
+
+def refuse_uncalibrated(folder: Path) -> None:
+    """A model folder used to answer (batch prediction, benches) must not be the train stage's networks, which answer
+    at temperature 1 and threshold 0.5 until this stage has run: the train stage marks them ``calibrated: false``."""
+    spec_file = folder / "model.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()).get("calibrated") is False:
+        raise TumorScopeError(
+            f"{folder}: the train stage's networks, not yet calibrated: pass the calibrate stage's folder (models_calibrated)"
+        )
 
 
 def trained_networks(config: CalibrateConfig) -> tuple[dict, Classifier]:
