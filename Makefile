@@ -52,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 
 clean:          ## remove run outputs (keeps .venv)
-	rm -rf data models models_calibrated models_volumes reports mlflow.db mlartifacts .prefect .bentoml .tumorscope dvc_plots
+	rm -rf data models models_calibrated models_pretrained models_volumes reports mlflow.db mlartifacts .prefect .bentoml .tumorscope dvc_plots

@@ -11,8 +11,8 @@ It prints, per fold and as mean ± SD across folds:
 
   .venv/bin/python bench/quality.py --data ../shared/data/lgg-kaggle_3m/kaggle_3m --preset lgg --folds 5 --val-parts 2
   .venv/bin/python bench/quality.py --data ../shared/data/masoud-224/Training --preset masoud --folds 5 --max-folds 1
-  .venv/bin/python bench/quality.py --data ../shared/data/lgg-kaggle_3m/kaggle_3m --preset lgg --init-weights W/models/model.pt
-      (W: a workspace after `tumorscope run --data ../shared/data/masoud-224/Training --preset lgg-pretrain`)
+  .venv/bin/python bench/quality.py --data ../shared/data/lgg-kaggle_3m/kaggle_3m --preset lgg \
+      --pretrain-data ../shared/data/masoud-224/Training      (pretrained once, as the pretrain stage does)
 
 Training time per fold is printed too: the targets are set for 2 CPU cores.
 """
@@ -141,6 +141,27 @@ def one_fold(params, manifest: pd.DataFrame, role: np.ndarray, k: int, level: fl
     }, scores  # fmt: skip
 
 
+def pretrained(params, source: Path, workspace: Path):
+    """``params`` with training starting from weights pretrained on ``source``, as the pretrain stage makes them
+    (its images that copy one of the benchmark's are left out). Once for every fold: the copies are checked against
+    the whole set, and no fold's labels are used."""
+    from components.cli import REAL_DATA_DUPLICATE_CORRELATION
+    from components.pretrain import run
+
+    config = params.pretrain.model_copy(
+        update={
+            "source": source,
+            "target": workspace / "manifest.csv",
+            "data_dir": workspace / "pretrain",
+            "out_dir": workspace / "models_pretrained",
+        }
+    )
+    started = time.perf_counter()
+    run(config, params.train, REAL_DATA_DUPLICATE_CORRELATION)
+    print(f"pretrained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    return params.model_copy(update={"train": params.train.model_copy(update={"init_weights": config.out_dir / "model.pt"})})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -151,12 +172,16 @@ def main() -> None:
     parser.add_argument("--val-parts", type=int, default=1, help="validate on 1/N of the next fold, train on the rest (1: all of it)")
     parser.add_argument("--specificity", type=float, default=0.95, help="ROC operating level for both points")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--init-weights", type=Path, default=None, help="train.init_weights for every fold (a weights file)")
     parser.add_argument(
-        "--init-weights", type=Path, default=None, help="train.init_weights for every fold (e.g. from params/lgg-pretrain.yaml)"
-    )
+        "--pretrain-data", type=Path, default=None,
+        help="pretrain on this set first, as the pretrain stage does (its copies of --data left out); every fold starts from it",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.val_parts < 1:
         parser.error("--val-parts must be 1 or more")
+    if args.init_weights and args.pretrain_data:
+        parser.error("--init-weights and --pretrain-data both name where training starts: give one")
     if not args.data.is_dir():
         raise SystemExit(f"skipped: {args.data} not found (the shared real data sets are not on this machine)")
     from components.config import params_with_preset
@@ -170,6 +195,8 @@ def main() -> None:
     workspace = Path(tempfile.mkdtemp(prefix="tumorscope-quality-"))
     os.chdir(workspace)  # the ingest and prepared-image caches live here
     manifest = ingest(data, workspace)
+    if args.pretrain_data is not None:
+        params = pretrained(params, args.pretrain_data.resolve(), workspace)
     fold = folds_of(manifest, args.folds, args.seed)
     print(
         f"{len(manifest)} images, {manifest['subject'].nunique()} subjects, {args.folds} grouped folds; train: {config.model_dump(include={'network', 'image_size', 'in_channels', 'channels', 'blocks', 'epochs', 'precision'})}"

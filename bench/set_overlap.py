@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.dedup import thumbnail  # noqa: E402
+from components.dedup import closest_matches, views  # noqa: E402
 from components.imaging import read_slice  # noqa: E402
 from components.privacy import pseudonym  # noqa: E402
 from components.settings import get_settings  # noqa: E402
@@ -30,28 +30,6 @@ THRESHOLDS = (0.90, 0.95, 0.97, 0.98)
 def image_files(root: Path) -> list[Path]:
     """Every slice under ``root``; LGG's masks are labels, not images."""
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
-
-
-def views(path: Path, name: str) -> list[np.ndarray]:
-    """The thumbnails a copy of this slice could have been made from: its mean and, for colour, each channel.
-    ``name`` names the file in errors (its path can hold a patient ID)."""
-    image = read_slice(path, name=name, color=True)
-    planes = [image] if image.ndim == 2 else [image.mean(axis=2), *np.moveaxis(image, 2, 0)]
-    return [thumbnail(plane) for plane in planes if plane.std() > 0]
-
-
-def closest_matches(reference: np.ndarray, queries: np.ndarray, query_owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per query image (over its views): the highest correlation with any reference image, and which one."""
-    similarity = queries @ reference.T
-    best_reference = similarity.argmax(axis=1)
-    best = similarity[np.arange(len(queries)), best_reference]
-    owners = np.unique(query_owner)
-    per_image = np.full(owners.max() + 1, -1.0)
-    which = np.zeros(owners.max() + 1, dtype=int)
-    for view, owner in enumerate(query_owner):
-        if best[view] > per_image[owner]:
-            per_image[owner], which[owner] = best[view], best_reference[view]
-    return per_image, which
 
 
 def main() -> None:
@@ -67,7 +45,7 @@ def main() -> None:
         names, kept, owner = [], [], []
         for path in image_files(root):
             name = pseudonym(str(path.relative_to(root)), key, "img-")
-            seen = views(path, name)[: None if every_view else 1]  # a blank image matches nothing: left out
+            seen = views(read_slice(path, name=name, color=True))[: None if every_view else 1]  # a blank image matches nothing: left out
             if seen:
                 kept += seen
                 owner += [len(names)] * len(seen)

@@ -105,6 +105,22 @@ def _point_params_at(data: Path, model_name: str | None) -> None:
     )
 
 
+def _point_pretraining_at(data: Path) -> None:
+    """Write the pretraining set into params.yaml (pretrain.source), keeping its comments."""
+    from ruamel.yaml import YAML
+
+    source = data.resolve()
+    if not source.is_dir():
+        _fail(f"{data}: not a folder")
+    yaml = YAML()
+    params_file = Path("params.yaml")
+    params = yaml.load(params_file.read_text())
+    params.setdefault("pretrain", {})["source"] = str(source)
+    with params_file.open("w") as handle:
+        yaml.dump(params, handle)
+    typer.echo(f"params.yaml: pretrain.source = {source}")
+
+
 def _apply_preset(preset: str) -> None:
     """Merge a data set's tuned settings into params.yaml, keeping its comments: the preset's values become the
     workspace's versioned params, so `dvc repro` reproduces them."""
@@ -134,8 +150,13 @@ def run(
     model_name: Annotated[str | None, typer.Option(help="Registered model name for --data (default: from the folder name).")] = None,
     preset: Annotated[
         str | None,
+        typer.Option(help="Settings tuned for a data set: masoud, lgg (params/<name>.yaml) or a YAML file, merged into params.yaml."),
+    ] = None,
+    pretrain_data: Annotated[
+        Path | None,
         typer.Option(
-            help="Settings tuned for a data set: masoud, lgg, lgg-pretrain (params/<name>.yaml) or a YAML file, merged into params.yaml."
+            help="Another labelled set of brain MRI (other patients) that the network learns first; training starts from "
+            "those weights (written into params.yaml as pretrain.source)."
         ),
     ] = None,
     force_from: Annotated[str | None, typer.Option(help="Rerun this stage and all later ones even if up to date.")] = None,
@@ -149,6 +170,8 @@ def run(
     root = _enter(workdir)
     if data is not None:
         _point_params_at(data, model_name)
+    if pretrain_data is not None:
+        _point_pretraining_at(pretrain_data)
     if preset is not None:
         from components.config import load_params
 

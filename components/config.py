@@ -114,6 +114,21 @@ class ClassicalConfig(Section):
     experiment: str = "tumorscope-classical"
 
 
+class PretrainConfig(Section):
+    """Another labelled set of brain MRI that the train stage's network learns first (components/pretrain.py)."""
+
+    source: Path | None = None  # other patients' slices in a layout ingest reads (class folders, LGG, …); None: no pretraining
+    target: Path = Path("data/manifest.csv")  # the pipeline's own images: a pretraining copy of any of them is left out
+    data_dir: Path = Path("data/pretrain")  # the pretraining set's manifest and split
+    out_dir: Path = Path("models_pretrained")  # its weights, where the train stage starts from
+    epochs: int = Field(24, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    copy_correlation: float = Field(0.97, gt=0, le=1)  # thumbnails correlating this much are one image (ingest's near-duplicates)
+    seed: int = 42
+
+
 class TrainConfig(Section):
     split: Path = Path("data/split.csv")
     out_dir: Path = Path("models")
@@ -279,6 +294,7 @@ class Params(Section):
     split: SplitConfig = SplitConfig()
     features: FeaturesConfig = FeaturesConfig()
     classical: ClassicalConfig = ClassicalConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     train_volumes: VolumeTrainConfig = VolumeTrainConfig()
@@ -289,14 +305,26 @@ class Params(Section):
     monitor: MonitorConfig = MonitorConfig()
 
     @model_validator(mode="after")
-    def _evaluate_the_calibrated_model(self) -> Params:
+    def _sections_agree(self) -> Params:
         # a params file from before the calibrate stage points evaluate at train's networks: uncalibrated, unregistrable
         if self.evaluate.model_dir == self.train.out_dir:
             raise ValueError(
                 f"evaluate.model_dir is train.out_dir ({self.train.out_dir}), the uncalibrated networks: set it to "
                 f"calibrate.out_dir ({self.calibrate.out_dir})"
             )
+        if self.pretrain.source is not None and self.train.init_weights is not None:
+            raise ValueError(
+                f"pretrain.source and train.init_weights both name where training starts: set one "
+                f"(pretrain.source pretrains on {self.pretrain.source}; train.init_weights loads {self.train.init_weights})"
+            )
         return self
+
+    @property
+    def train_as_run(self) -> TrainConfig:
+        """The train section as its stage runs it: from the pretrain stage's weights when that stage pretrains."""
+        if self.pretrain.source is None:
+            return self.train
+        return self.train.model_copy(update={"init_weights": self.pretrain.out_dir / "model.pt"})
 
 
 # Keys that moved to another section: a params file or preset written before the move says where they went.

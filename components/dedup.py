@@ -40,3 +40,29 @@ def duplicate_groups(thumbnails: np.ndarray, min_correlation: float, block: int 
     edges = coo_matrix((np.ones(sum(map(len, rows))), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
     _, labels = connected_components(edges, directed=False)
     return labels
+
+
+def views(image: np.ndarray) -> list[np.ndarray]:
+    """The thumbnails a copy of this slice could have been made from: its mean and, for colour, each channel (one
+    sequence of a multi-sequence slice saved as a gray image). A blank plane matches nothing and is left out."""
+    planes = [image] if image.ndim == 2 else [image.mean(axis=2), *np.moveaxis(image, 2, 0)]
+    return [thumbnail(plane) for plane in planes if plane.std() > 0]
+
+
+def closest_matches(
+    reference: np.ndarray, queries: np.ndarray, query_owner: np.ndarray, block: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query image (its best view; ``query_owner`` says which image each view is of): the highest correlation
+    with any reference thumbnail, and which one. Block by block, so memory stays at block × len(reference)."""
+    best = np.empty(len(queries), dtype=np.float32)
+    best_reference = np.empty(len(queries), dtype=int)
+    for start in range(0, len(queries), block):
+        similarity = queries[start : start + block] @ reference.T
+        best_reference[start : start + block] = similarity.argmax(axis=1)
+        best[start : start + block] = similarity.max(axis=1)
+    images = int(query_owner.max()) + 1
+    per_image, which = np.full(images, -1.0), np.zeros(images, dtype=int)
+    for view, owner in enumerate(query_owner):
+        if best[view] > per_image[owner]:
+            per_image[owner], which[owner] = best[view], best_reference[view]
+    return per_image, which

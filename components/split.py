@@ -32,7 +32,7 @@ def leakage_groups(manifest: pd.DataFrame) -> np.ndarray:
     return pd.factorize(labels[:n])[0]
 
 
-def _hold_out(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def hold_out(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A boolean mask of about ``fraction`` of the rows, whole groups, label-stratified."""
     folds = max(2, round(1 / fraction))
     if len(np.unique(groups)) < folds:
@@ -78,10 +78,10 @@ def _assign_source(manifest: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     groups = leakage_groups(manifest)
     labels = manifest["label"].to_numpy()
     split = np.full(len(manifest), "train", dtype=object)
-    test = _hold_out(labels, groups, config.test_fraction, config.seed)
+    test = hold_out(labels, groups, config.test_fraction, config.seed)
     split[test] = "test"
     rest = np.flatnonzero(~test)
-    val = _hold_out(labels[rest], groups[rest], config.val_fraction / (1 - config.test_fraction), config.seed + 1)
+    val = hold_out(labels[rest], groups[rest], config.val_fraction / (1 - config.test_fraction), config.seed + 1)
     split[rest[val]] = "val"
     return manifest.assign(group=groups, split=split, fold=_folds(labels, groups, test, config))
 

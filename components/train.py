@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.config import CalibrateConfig, TrainConfig, load_params
+from components.config import NO_TUMOUR, CalibrateConfig, TrainConfig, load_params
 from components.errors import DataError, TumorScopeError
 from components.model import Classifier, ModelSpec, build_network, one_network
 from components.settings import get_settings, use_experiment
@@ -99,8 +99,8 @@ def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray, 
             probs, labels = self._gathered()
             self._val_outputs.clear()
             epoch = {"val_accuracy": float((probs.argmax(1) == labels).mean())}
-            is_tumour = labels != spec.tumour_free_index
-            if 0 < is_tumour.sum() < len(labels):
+            is_tumour = labels != spec.tumour_free_index if NO_TUMOUR in spec.classes else None  # (a pretraining set's may lack it)
+            if is_tumour is not None and 0 < is_tumour.sum() < len(labels):
                 epoch["val_auc"] = float(roc_auc_score(is_tumour, 1 - probs[:, spec.tumour_free_index]))
             self.log_dict(epoch)  # already computed over every rank's predictions
             if not self.trainer.sanity_checking and self.trainer.is_global_zero:
@@ -647,7 +647,7 @@ def main() -> None:
     from components.stage import run_stage
 
     def work() -> dict | None:
-        config = load_params().train
+        config = load_params().train_as_run  # from the pretrain stage's weights when it pretrained
         command = torchrun_command(config)
         if command is None:
             return run(config)

@@ -101,7 +101,7 @@ def apply_to_params(values: dict, path: Path = PARAMS_FILE) -> None:
 
 def main(trials: int | None = None, apply: bool = False) -> dict:
     params = load_params()
-    best = run(params.tune, params.train, trials)
+    best = run(params.tune, params.train_as_run, trials)
     report = Path("reports/tune")
     report.mkdir(parents=True, exist_ok=True)
     (report / "best.json").write_text(json.dumps(best, indent=2))

@@ -79,4 +79,4 @@ def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, m
     assert result.returncode == 2 and "old.yaml: train.target_sensitivity = 0.9" in result.stderr and "moved to calibrate" in result.stderr
     assert (tmp_path / "params.yaml").read_text() == before, "a refused preset changes nothing"
     result = subprocess.run([*CLI, "run", "--preset", "nope"], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode != 0 and "no such preset (presets: lgg, lgg-pretrain, masoud" in result.stderr
+    assert result.returncode != 0 and "no such preset (presets: lgg, masoud" in result.stderr

@@ -1,0 +1,102 @@
+"""The pretrain stage: another set's images, less its copies of the pipeline's own, train the network that the
+train stage starts from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from components.config import Params, PretrainConfig, TrainConfig
+from tests.conftest import PROJECT, make_workspace, training_runs, workspace_env
+
+
+def test_without_a_pretraining_set_the_stage_records_that_and_training_starts_fresh(tmp_path, capsys):
+    from components.pretrain import run
+
+    config = PretrainConfig(out_dir=tmp_path / "models_pretrained", data_dir=tmp_path / "pretrain")
+    (config.out_dir).mkdir()
+    (config.out_dir / "model.pt").write_bytes(b"left by an earlier pretraining")
+    assert run(config, TrainConfig()) == {"pretrained": False}
+    assert not (config.out_dir / "model.pt").exists(), "stale weights would start training"
+    assert json.loads((config.out_dir / "pretrain.json").read_text()) == {"pretrained": False}
+    assert "training starts from fresh weights" in capsys.readouterr().out
+    assert Params().train_as_run.init_weights is None
+
+
+def test_a_pretraining_set_makes_training_start_from_its_weights_and_init_weights_too_is_refused():
+    params = Params.model_validate({"pretrain": {"source": "other-set", "out_dir": "pre"}})
+    assert str(params.train_as_run.init_weights) == "pre/model.pt" and params.train.init_weights is None
+    with pytest.raises(ValueError, match="pretrain.source and train.init_weights both name where training starts"):
+        Params.model_validate({"pretrain": {"source": "other-set"}, "train": {"init_weights": "mine.pt"}})
+
+
+def test_dvc_reruns_pretraining_for_exactly_the_train_keys_it_takes():
+    from components.pretrain import FROM_TRAIN
+
+    stage = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["pretrain"]
+    assert sorted(key.removeprefix("train.") for key in stage["params"] if key.startswith("train.")) == sorted(FROM_TRAIN)
+    assert "${pretrain.out_dir}" in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+
+
+def _save(image: np.ndarray, path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((image * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_a_copy_of_a_target_image_is_found_through_one_sequence_even_rescaled(tmp_path):
+    from components.pretrain import copies_of_target
+
+    rng = np.random.default_rng(0)
+    colour = rng.random((48, 48, 3))
+    target = pd.DataFrame({"path": [_save(colour, tmp_path / "target" / "a.png")], "image_id": ["img-1"]})
+    own = [colour[..., 1] * 0.5 + 0.2, rng.random((48, 48)), np.zeros((48, 48))]  # FLAIR re-saved darker; unrelated; blank
+    pretraining = pd.DataFrame(
+        {"path": [_save(image, tmp_path / "own" / f"{k}.png") for k, image in enumerate(own)], "image_id": ["p0", "p1", "p2"]}
+    )
+    closest = copies_of_target(pretraining, target, 0.97)
+    assert closest[0] > 0.97 and closest[1] < 0.5 and closest[2] == -1.0
+
+
+@pytest.mark.slow
+def test_the_stage_pretrains_on_another_set_less_its_copies_and_train_starts_from_it(tmp_path):
+    rng = np.random.default_rng(1)
+    source = tmp_path / "other-set"
+    for k in range(24):  # two classes another set could have: a bright disc or not
+        image = rng.random((64, 64)) * 0.3
+        if k % 2:
+            yy, xx = np.mgrid[:64, :64]
+            image[(yy - 20 - k) ** 2 + (xx - 30) ** 2 < 80] = 1.0
+        _save(image, source / ("disc" if k % 2 else "plain") / f"{k}.png")
+    train = {"image_size": 32, "epochs": 1, "channels": [8, 8, 8, 8], "mask_weight": 0.0}
+    pretrain = {"source": str(source), "epochs": 2, "val_fraction": 0.25}
+    root = make_workspace(tmp_path / "ws", {"synth": {"subjects": 16, "image_size": 64}, "train": train, "pretrain": pretrain})
+    env = workspace_env(root)
+
+    def stage(name: str) -> str:
+        done = subprocess.run([sys.executable, "-m", f"components.{name}"], cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    for name in ("synth", "ingest"):
+        stage(name)
+    target = pd.read_csv(root / "data" / "manifest.csv")
+    copied = np.asarray(Image.open(root / target["path"].iloc[0]))  # one of the pipeline's own slices, in the other set
+    Image.fromarray(copied).save(source / "plain" / "copy.png")
+    for name in ("validate", "split"):
+        stage(name)
+    output = stage("pretrain")
+    summary = json.loads((root / "models_pretrained" / "pretrain.json").read_text())
+    assert summary["pretrained"] and summary["images"] == 24 and summary["left_out_as_copies"] == 1, output
+    assert summary["classes"] == ["disc", "plain"] and 0 <= summary["validation_accuracy"] <= 1
+    client, runs = training_runs(root, "tumorscope-pretrain")
+    assert [run.info.run_id for run in runs] == [summary["run_id"]] and runs[0].info.status == "FINISHED"
+    output = stage("train")
+    assert "initial weights: " in output and "tensors from model.pt" in output
