@@ -111,7 +111,7 @@ def trained_networks(config: CalibrateConfig) -> tuple[dict, Classifier]:
 def run(config: CalibrateConfig) -> dict:
     import torch
 
-    from components.train import file_hash
+    from components.stage import file_hash
 
     if not config.split.exists():
         raise DataError(config.split, "split not found: run the split stage first")

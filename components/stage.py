@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from components.errors import TumorScopeError
@@ -13,6 +15,11 @@ from components.settings import apply_runtime_env
 
 EXIT_DATA_ERROR = 2
 ERROR_MARK = "tumorscope: error:"
+
+
+def file_hash(path: Path) -> str:
+    """A stage input's version, recorded with what the stage made from it: a later stage refuses another version."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def track(items, progress: bool, description: str, total: int | None = None):

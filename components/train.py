@@ -27,14 +27,11 @@ from components.config import NO_TUMOUR, CalibrateConfig, TrainConfig, load_para
 from components.errors import DataError, TumorScopeError
 from components.model import Classifier, ModelSpec, build_network, one_network
 from components.settings import get_settings, use_experiment
+from components.stage import file_hash
 
 
 def is_global_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and os.environ.get("NODE_RANK", "0") == "0"
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray, label: str = ""):

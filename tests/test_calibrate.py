@@ -60,7 +60,7 @@ def _trained(folder, data_hash: str = "d1") -> None:
 
 def test_networks_trained_on_another_split_are_not_calibrated_on_this_one(tmp_path):
     from components.calibrate import run
-    from components.train import file_hash
+    from components.stage import file_hash
 
     split = tmp_path / "split.csv"
     split.write_text("image_id,label,split\nim1,tumor,val\n")

@@ -50,6 +50,24 @@ def test_pointing_params_at_real_data_sets_source_name_and_the_real_data_duplica
     assert "# TumorScope pipeline parameters" in (tmp_path / "params.yaml").read_text(), "comments are kept"
 
 
+def test_pretrain_data_sets_the_pretraining_source_and_training_then_starts_from_its_weights(tmp_path, monkeypatch):
+    import shutil
+
+    from components.cli import _point_pretraining_at
+    from components.config import load_params
+
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "other-set").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _point_pretraining_at(Path("other-set"))
+    params = load_params()
+    assert params.pretrain.source == (tmp_path / "other-set").resolve()
+    assert params.train_as_run.init_weights == params.pretrain.out_dir / "model.pt"
+    assert "# TumorScope pipeline parameters" in (tmp_path / "params.yaml").read_text(), "comments are kept"
+    result = subprocess.run([*CLI, "run", "--pretrain-data", "missing"], capture_output=True, text=True, cwd=PROJECT)
+    assert result.returncode == 2 and "missing: not a folder" in result.stderr
+
+
 def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, monkeypatch):
     import shutil
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import QUICK_REPORTS, make_workspace, workspace_env
 
@@ -93,7 +94,8 @@ def test_nothing_changed_is_a_no_op_and_a_train_param_reruns_train_onward(worksp
     # the feedback stage always runs (it reads the prediction log); with no new labels nothing after it does
     assert ran(dvc(workspace, "repro")) == {"feedback"}
     params = workspace / "params.yaml"
-    params.write_text(params.read_text().replace("epochs: 2", "epochs: 3"))
+    params.write_text(params.read_text().replace("epochs: 2\n", "epochs: 3\n", 1))  # train's (pretrain's are 24)
+    assert yaml.safe_load(params.read_text())["train"]["epochs"] == 3
     assert ran(dvc(workspace, "repro")) == {"feedback", "train", "calibrate", "evaluate", "register", "package"}
 
 
