@@ -28,12 +28,15 @@ TRAINED_RUN_TAG = "tumorscope.trained_run"
 
 
 def fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config: CalibrateConfig) -> dict[str, float]:
-    """Fit the embedding summary's PCA, the temperature and the operating threshold on validation images (seen
-    neither in training nor in the test) into ``classifier``; what was fitted, and the figures there."""
+    """Set how ``classifier`` answers (mirror averaging, lesion vote), then fit the embedding summary's PCA, the
+    temperature and the operating threshold on validation images (seen neither in training nor in the test) into
+    it; what was fitted, and the figures there."""
     from components.dataset import prepared_images
     from components.model import EmbeddingProjection, expected_calibration_error, fit_temperature, tumour_probability
 
     spec = classifier.spec
+    spec.flip_averaging = config.flip_averaging
+    spec.lesion_vote = config.lesion_vote and spec.lesion_head  # a data set without masks trained no lesion map
     images = prepared_images(validation, spec.image_size, channels=spec.in_channels)
 
     def predicted() -> tuple[np.ndarray, np.ndarray]:

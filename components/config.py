@@ -150,11 +150,9 @@ class TrainConfig(Section):
     intensity_jitter: float = Field(0.0, ge=0, le=1)  # chance a training slice gets per-sequence gamma and a bias field
     ema_decay: float = Field(0.0, ge=0, lt=1)  # > 0: the model is the exponential moving average of its weights (per step)
     mask_weight: float = Field(0.0, ge=0)  # > 0: a ResNet that also maps the lesion, its loss weighted so (needs masks)
-    lesion_vote: bool = False  # with a lesion map: P(tumour) averages the classifier's and the map's strongest cell's
     members: int = Field(1, ge=1)  # > 1: an ensemble of networks from seeds seed, seed + 1, …, sharing max_minutes
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     max_minutes: float | None = Field(None, gt=0)  # stops training then (Lightning's max_time), but not before half the epochs (min_epochs)
-    flip_averaging: bool = False  # predictions average the slice and its left-right mirror (test-time augmentation)
     devices: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
     lr_scaling: Literal["none", "linear"] = "none"
@@ -180,8 +178,6 @@ class TrainConfig(Section):
             raise ValueError(f"channels and blocks need one entry per ResNet stage (4), got {len(self.channels)} and {len(self.blocks)}")
         if self.mask_weight > 0 and self.network != "resnet":
             raise ValueError(f"mask_weight (a lesion map head) needs network 'resnet', not '{self.network}'")
-        if self.lesion_vote and self.mask_weight == 0:
-            raise ValueError("lesion_vote averages in the lesion map's opinion: it needs mask_weight > 0 (a lesion map head)")
         return self
 
     @property
@@ -198,6 +194,10 @@ class CalibrateConfig(Section):
     out_dir: Path = Path("models_calibrated")  # not under models/: DVC outputs cannot nest
     target_sensitivity: float | None = Field(None, gt=0, lt=1)  # None: operating threshold 0.5 on P(tumour)
     specificity_floor: float | None = Field(None, gt=0, lt=1)  # lowest validation specificity the threshold may cost (None: no floor)
+    flip_averaging: bool = False  # predictions average the slice and its left-right mirror (test-time augmentation)
+    lesion_vote: bool = (
+        False  # with a lesion map (train.mask_weight > 0): P(tumour) averages the classifier's and the map's strongest cell's
+    )
     threads: int = Field(2, ge=1)
 
 
@@ -312,6 +312,10 @@ class Params(Section):
                 f"evaluate.model_dir is train.out_dir ({self.train.out_dir}), the uncalibrated networks: set it to "
                 f"calibrate.out_dir ({self.calibrate.out_dir})"
             )
+        if self.calibrate.lesion_vote and self.train.mask_weight == 0:
+            raise ValueError(
+                "calibrate.lesion_vote averages in the lesion map's opinion: it needs train.mask_weight > 0 (a lesion map head)"
+            )
         if self.pretrain.source is not None and self.train.init_weights is not None:
             raise ValueError(
                 f"pretrain.source and train.init_weights both name where training starts: set one "
@@ -331,6 +335,8 @@ class Params(Section):
 MOVED_KEYS = {
     "train.target_sensitivity": "calibrate.target_sensitivity",
     "train.specificity_floor": "calibrate.specificity_floor",
+    "train.flip_averaging": "calibrate.flip_averaging",
+    "train.lesion_vote": "calibrate.lesion_vote",
 }
 
 

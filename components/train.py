@@ -204,17 +204,16 @@ def where_masks_exist(config: TrainConfig, split: pd.DataFrame) -> TrainConfig:
     return config.model_copy(update={"mask_weight": 0.0})
 
 
-# Params read only after the last epoch (how the trained network answers): a killed run whose user changed only
-# these still resumes, and they apply to the finished network.
-AFTER_TRAINING = {"flip_averaging", "lesion_vote"}
 FINISHED = "finished.pt"  # in a network's checkpoint folder: its best weights, once its training ended
 
 
 def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
     """One folder per (training params, data version): a rerun with both unchanged resumes there. It lies
-    outside the stage's outputs, which DVC deletes before a rerun."""
+    outside the stage's outputs, which DVC deletes before a rerun. Starting weights count by content: the pretrain
+    stage rewrites its file in place."""
+    start = file_hash(config.init_weights) if config.init_weights is not None and config.init_weights.is_file() else None
     identity = json.dumps(
-        {**config.model_dump(mode="json", exclude={"threads", "resume", *AFTER_TRAINING}), "data": data_hash}, sort_keys=True
+        {**config.model_dump(mode="json", exclude={"threads", "resume"}), "data": data_hash, "start": start}, sort_keys=True
     )
     return config.checkpoint_root / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
@@ -414,9 +413,7 @@ def model_spec(config: TrainConfig, classes: list[str]) -> ModelSpec:
         classes=classes,
         norm=config.norm,
         in_channels=config.in_channels,
-        flip_averaging=config.flip_averaging,
         lesion_head=config.uses_masks,
-        lesion_vote=config.uses_masks and config.lesion_vote,
         members=config.members,
     )
 

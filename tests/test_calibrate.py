@@ -28,17 +28,18 @@ def test_the_specificity_floor_raises_a_threshold_the_sensitivity_target_set_on_
     assert "val_sensitivity_at_threshold" not in only_negatives, "undefined, so left out rather than NaN"
 
 
-def test_an_old_params_file_with_the_threshold_under_train_says_where_it_moved(tmp_path):
+@pytest.mark.parametrize("key, value", [("specificity_floor", "0.9"), ("flip_averaging", "True"), ("lesion_vote", "True")])
+def test_an_old_params_file_with_how_the_networks_answer_under_train_says_where_it_moved(tmp_path, key, value):
     params = tmp_path / "params.yaml"
     shutil.copy(PROJECT / "params.yaml", params)
     params.write_text(
         params.read_text().replace(
             "  threads: 2\n  seed: 42\n  experiment: tumorscope\n",
-            "  threads: 2\n  seed: 42\n  experiment: tumorscope\n  specificity_floor: 0.9\n",
+            f"  threads: 2\n  seed: 42\n  experiment: tumorscope\n  {key}: {value.lower()}\n",
             1,
         )
     )
-    with pytest.raises(TumorScopeError, match=r"train\.specificity_floor = 0\.9: .* \(it moved to calibrate\.specificity_floor\)"):
+    with pytest.raises(TumorScopeError, match=rf"train\.{key} = {value}: .* \(it moved to calibrate\.{key}\)"):
         load_params(params)
 
 

@@ -44,11 +44,11 @@ def test_mismatched_network_stages_are_refused(tmp_path: Path):
 
 def test_a_lesion_vote_without_a_lesion_map_is_refused(tmp_path: Path):
     bad = tmp_path / "params.yaml"
-    bad.write_text("train:\n  lesion_vote: true\n  mask_weight: 0\n")
-    with pytest.raises(TumorScopeError, match="lesion_vote.*mask_weight > 0"):
+    bad.write_text("train:\n  mask_weight: 0\ncalibrate:\n  lesion_vote: true\n")
+    with pytest.raises(TumorScopeError, match="calibrate.lesion_vote.*train.mask_weight > 0"):
         load_params(bad)
-    bad.write_text("train:\n  lesion_vote: true\n  mask_weight: 0.5\n")
-    assert load_params(bad).train.lesion_vote
+    bad.write_text("train:\n  mask_weight: 0.5\ncalibrate:\n  lesion_vote: true\n")
+    assert load_params(bad).calibrate.lesion_vote
 
 
 def test_a_preset_merges_nested_keys_into_every_section_it_names(tmp_path):

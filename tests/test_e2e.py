@@ -99,19 +99,21 @@ def test_nothing_changed_is_a_no_op_and_a_train_param_reruns_train_onward(worksp
     assert ran(dvc(workspace, "repro")) == {"feedback", "train", "calibrate", "evaluate", "register", "package"}
 
 
-def test_a_new_operating_point_recalibrates_the_same_networks_without_training(workspace: Path):
+def test_a_new_operating_point_or_mirror_averaging_recalibrates_the_same_networks_without_training(workspace: Path):
     import mlflow
 
     networks = (workspace / "models" / "model.pt").read_bytes()
     before = json.loads((workspace / "models_calibrated" / "model.json").read_text())
     params = workspace / "params.yaml"
-    params.write_text(params.read_text().replace("specificity_floor: 0.85", "specificity_floor: 0.97"))
+    answering = params.read_text().replace("specificity_floor: 0.85", "specificity_floor: 0.97")
+    params.write_text(answering.replace("flip_averaging: false", "flip_averaging: true"))
     assert ran(dvc(workspace, "repro")) == {"feedback", "calibrate", "evaluate", "register", "package"}
     after = json.loads((workspace / "models_calibrated" / "model.json").read_text())
+    assert after["flip_averaging"] and not before["flip_averaging"], "mirror averaging is how they answer, not a weight"
     assert (workspace / "models" / "model.pt").read_bytes() == networks
     assert after["trained_run_id"] == before["trained_run_id"] and after["run_id"] != before["run_id"]
-    assert after["operating_threshold"] >= before["operating_threshold"], "a higher floor can only raise it"
     run = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(after["run_id"])
+    assert run.data.metrics["val_specificity_at_threshold"] >= 0.97, "the threshold honours the new floor"
     assert run.data.params["specificity_floor"] == "0.97" and run.data.tags["tumorscope.trained_run"] == before["trained_run_id"]
     assert read(workspace, "gate.json")["run_id"] == after["run_id"], "the gate judged the new calibration"
 

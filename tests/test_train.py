@@ -297,9 +297,10 @@ def test_fit_classifier_with_mixup_bf16_and_flip_averaging_learns_a_lesion_in_on
     split = _toy_split(tmp_path)
     config = TrainConfig(
         image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=12, batch_size=16, mixup=0.4,
-        precision="bf16-mixed", flip_averaging=True, threads=1,
+        precision="bf16-mixed", threads=1,
     )  # fmt: skip
-    classifier, _ = fit_classifier(config, split[split["split"] != "test"], CalibrateConfig(target_sensitivity=0.9))
+    calibration = CalibrateConfig(target_sensitivity=0.9, flip_averaging=True)
+    classifier, _ = fit_classifier(config, split[split["split"] != "test"], calibration)
     assert classifier.spec.in_channels == 3 and classifier.spec.flip_averaging
     assert 0 < classifier.spec.operating_threshold < 1 and classifier.spec.temperature != 1.0
     test = split[split["split"] == "test"]
@@ -350,10 +351,9 @@ def test_a_lesion_map_learnt_from_masks_finds_the_lesion(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     split = _toy_split(tmp_path, masks=True)
     config = TrainConfig(
-        image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=20, batch_size=8, mixup=0.2, mask_weight=1.0,
-        lesion_vote=True, threads=1,
+        image_size=32, in_channels=3, channels=[8, 16, 16, 32], epochs=20, batch_size=8, mixup=0.2, mask_weight=1.0, threads=1,
     )  # fmt: skip
-    calibration = CalibrateConfig(target_sensitivity=0.9)
+    calibration = CalibrateConfig(target_sensitivity=0.9, lesion_vote=True)
     classifier, fitted = fit_classifier(config, split[split["split"] != "test"], calibration)
     assert classifier.spec.lesion_head and classifier.spec.lesion_vote
     validation = split[split["split"] == "val"]
@@ -434,12 +434,17 @@ def test_the_moving_average_ramps_up_to_its_decay():
     assert average.module.weight.item() == pytest.approx(0.9, abs=1e-6), "later the decay caps the rate"
 
 
-def test_a_killed_run_resumes_when_only_how_the_finished_network_answers_changed(tmp_path):
+def test_a_killed_run_resumes_only_with_the_same_params_data_and_starting_weights(tmp_path):
     from components.train import checkpoint_folder
 
     config = TrainConfig(checkpoint_root=tmp_path)
-    answering = config.model_copy(update={"flip_averaging": True, "lesion_vote": True})
-    assert checkpoint_folder(answering, "d1") == checkpoint_folder(config, "d1")
+    assert checkpoint_folder(config.model_copy(update={"threads": 1}), "d1") == checkpoint_folder(config, "d1")
+    start = tmp_path / "pretrained.pt"
+    start.write_bytes(b"weights one")
+    pretrained = config.model_copy(update={"init_weights": start})
+    before = checkpoint_folder(pretrained, "d1")
+    start.write_bytes(b"weights two")  # the pretrain stage rewrote its file in place
+    assert checkpoint_folder(pretrained, "d1") != before
     assert checkpoint_folder(config.model_copy(update={"learning_rate": 0.01}), "d1") != checkpoint_folder(config, "d1")
     assert checkpoint_folder(config, "d2") != checkpoint_folder(config, "d1")
     assert checkpoint_folder(config.model_copy(update={"members": 2}), "d1") != checkpoint_folder(config, "d1")
