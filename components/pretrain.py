@@ -62,7 +62,7 @@ def thumbnails_of(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(kept) if kept else np.zeros((0, 1024), np.float32), np.array(owner, dtype=int)
 
 
-def copies_of_target(pretraining: pd.DataFrame, target: pd.DataFrame, min_correlation: float) -> np.ndarray:
+def copies_of_target(pretraining: pd.DataFrame, target: pd.DataFrame) -> np.ndarray:
     """Per pretraining image, its highest correlation with any view of any target image (-1: a blank image)."""
     from components.dedup import closest_matches
 
@@ -106,7 +106,7 @@ def run(config: PretrainConfig, train: TrainConfig, duplicate_correlation: float
     if not config.target.exists():
         raise DataError(config.target, "the pipeline's own manifest is missing: run the ingest stage first")
     manifest = ingest_source(config, duplicate_correlation)
-    closest = copies_of_target(manifest, pd.read_csv(config.target), config.copy_correlation)
+    closest = copies_of_target(manifest, pd.read_csv(config.target))
     copies = closest >= config.copy_correlation
     kept = manifest[~copies].reset_index(drop=True)
     if kept["label"].nunique() < 2:

@@ -61,7 +61,7 @@ def test_a_copy_of_a_target_image_is_found_through_one_sequence_even_rescaled(tm
     pretraining = pd.DataFrame(
         {"path": [_save(image, tmp_path / "own" / f"{k}.png") for k, image in enumerate(own)], "image_id": ["p0", "p1", "p2"]}
     )
-    closest = copies_of_target(pretraining, target, 0.97)
+    closest = copies_of_target(pretraining, target)
     assert closest[0] > 0.97 and closest[1] < 0.5 and closest[2] == -1.0
 
 
