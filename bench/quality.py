@@ -145,8 +145,8 @@ def pretrained(params, source: Path, workspace: Path):
     """``params`` with training starting from weights pretrained on ``source``, as the pretrain stage makes them
     (its images that copy one of the benchmark's are left out). Once for every fold: the copies are checked against
     the whole set, and no fold's labels are used."""
+    from components import pretrain, pretrain_set
     from components.cli import REAL_DATA_DUPLICATE_CORRELATION
-    from components.pretrain import run
 
     config = params.pretrain.model_copy(
         update={
@@ -157,7 +157,8 @@ def pretrained(params, source: Path, workspace: Path):
         }
     )
     started = time.perf_counter()
-    run(config, params.train, REAL_DATA_DUPLICATE_CORRELATION)
+    pretrain_set.run(config, REAL_DATA_DUPLICATE_CORRELATION)
+    pretrain.run(config, params.train)
     print(f"pretrained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return params.model_copy(update={"train": params.train.model_copy(update={"init_weights": config.out_dir / "model.pt"})})
 
@@ -182,6 +183,9 @@ def main() -> None:
         parser.error("--val-parts must be 1 or more")
     if args.init_weights and args.pretrain_data:
         parser.error("--init-weights and --pretrain-data both name where training starts: give one")
+    pretrain_data = args.pretrain_data.resolve() if args.pretrain_data else None  # before the move into the workspace
+    if pretrain_data is not None and not pretrain_data.is_dir():
+        parser.error(f"--pretrain-data {args.pretrain_data}: not a folder")
     if not args.data.is_dir():
         raise SystemExit(f"skipped: {args.data} not found (the shared real data sets are not on this machine)")
     from components.config import params_with_preset
@@ -195,8 +199,8 @@ def main() -> None:
     workspace = Path(tempfile.mkdtemp(prefix="tumorscope-quality-"))
     os.chdir(workspace)  # the ingest and prepared-image caches live here
     manifest = ingest(data, workspace)
-    if args.pretrain_data is not None:
-        params = pretrained(params, args.pretrain_data.resolve(), workspace)
+    if pretrain_data is not None:
+        params = pretrained(params, pretrain_data, workspace)
     fold = folds_of(manifest, args.folds, args.seed)
     print(
         f"{len(manifest)} images, {manifest['subject'].nunique()} subjects, {args.folds} grouped folds; train: {config.model_dump(include={'network', 'image_size', 'in_channels', 'channels', 'blocks', 'epochs', 'precision'})}"

@@ -172,14 +172,14 @@ def run(
         _point_params_at(data, model_name)
     if pretrain_data is not None:
         _point_pretraining_at(pretrain_data)
-    if preset is not None:
-        from components.config import load_params
+    from components.config import load_params
 
-        try:
+    try:
+        if preset is not None:
             _apply_preset(preset)
-            load_params()  # a preset value out of range fails here, naming its key, before any stage runs
-        except TumorScopeError as error:
-            _fail(str(error))
+        load_params()  # a value out of range or a conflict (pretrain.source with train.init_weights) fails here, before any stage runs
+    except TumorScopeError as error:
+        _fail(str(error))
     from flows.training import training
 
     _print_summary(_result(training(workdir=str(root), force_from=force_from, return_state=True)), root)

@@ -115,17 +115,22 @@ class ClassicalConfig(Section):
 
 
 class PretrainConfig(Section):
-    """Another labelled set of brain MRI that the train stage's network learns first (components/pretrain.py)."""
+    """Another labelled set of brain MRI that the train stage's network learns first: its images less their copies
+    of the pipeline's own (components/pretrain_set.py), then the training (components/pretrain.py)."""
 
     source: Path | None = None  # other patients' slices in a layout ingest reads (class folders, LGG, …); None: no pretraining
     target: Path = Path("data/manifest.csv")  # the pipeline's own images: a pretraining copy of any of them is left out
     data_dir: Path = Path("data/pretrain")  # the pretraining set's manifest and split
     out_dir: Path = Path("models_pretrained")  # its weights, where the train stage starts from
-    epochs: int = Field(24, ge=1)
-    max_minutes: float | None = Field(None, gt=0)
-    learning_rate: float = Field(3e-3, gt=0)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     copy_correlation: float = Field(0.97, gt=0, le=1)  # thumbnails correlating this much are one image (ingest's near-duplicates)
+    epochs: int = Field(24, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    augment: bool = True
     seed: int = 42
 
 

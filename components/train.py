@@ -401,7 +401,19 @@ def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str, resu
         "effective_learning_rate": config.effective_learning_rate,
     }
     mlflow.log_params({**params, **effective, "classes": ",".join(spec.classes), "data_hash": data_hash})
+    mlflow.set_tags(_starting_point(config))
     return run
+
+
+def _starting_point(config: TrainConfig) -> dict[str, str]:
+    """Which weights training started from, as run tags: their content hash and, for the pretrain stage's, its run."""
+    if config.init_weights is None or not config.init_weights.is_file():
+        return {}
+    tags = {"tumorscope.init_weights_hash": file_hash(config.init_weights)}
+    summary = config.init_weights.parent / "pretrain.json"  # components/pretrain.py writes it beside its weights
+    if summary.is_file():
+        tags["tumorscope.pretrained_run"] = json.loads(summary.read_text()).get("run_id", "")
+    return tags
 
 
 def model_spec(config: TrainConfig, classes: list[str]) -> ModelSpec:

@@ -27,7 +27,7 @@ from components.errors import TumorScopeError
 from components.settings import apply_runtime_env
 from components.stage import ERROR_MARK
 
-STAGES = ("synth", "feedback", "ingest", "validate", "split", "features", "classical", "pretrain", "train", "calibrate", "train_volumes",
+STAGES = ("synth", "feedback", "ingest", "validate", "split", "features", "classical", "pretrain_set", "pretrain", "train", "calibrate", "train_volumes",
           "evaluate", "register", "package")  # fmt: skip
 SKIPPED_MARK = "didn't change, skipping"
 

@@ -64,8 +64,16 @@ def test_pretrain_data_sets_the_pretraining_source_and_training_then_starts_from
     assert params.pretrain.source == (tmp_path / "other-set").resolve()
     assert params.train_as_run.init_weights == params.pretrain.out_dir / "model.pt"
     assert "# TumorScope pipeline parameters" in (tmp_path / "params.yaml").read_text(), "comments are kept"
-    result = subprocess.run([*CLI, "run", "--pretrain-data", "missing"], capture_output=True, text=True, cwd=PROJECT)
+    shutil.copy(PROJECT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params_before = (tmp_path / "params.yaml").read_text()
+    result = subprocess.run([*CLI, "run", "--pretrain-data", "missing"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "missing: not a folder" in result.stderr
+    conflict = params_before.replace(
+        "  seed: 42\n  experiment: tumorscope\n", "  seed: 42\n  experiment: tumorscope\n  init_weights: mine.pt\n"
+    )
+    (tmp_path / "params.yaml").write_text(conflict)
+    result = subprocess.run([*CLI, "run", "--pretrain-data", "other-set"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "pretrain.source and train.init_weights both name where training starts" in result.stderr
 
 
 def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, monkeypatch):

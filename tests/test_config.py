@@ -64,3 +64,32 @@ def test_a_preset_merges_nested_keys_into_every_section_it_names(tmp_path):
     preset.write_text("train:\n  specificity_floor: 0.9\n")
     with pytest.raises(TumorScopeError, match=r"site.yaml: train.specificity_floor = 0.9: .*moved to calibrate.specificity_floor"):
         params_with_preset(str(preset), base)
+
+
+def _resolves(params: dict, dotted: str) -> bool:
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+@pytest.mark.parametrize("preset", [None, "masoud", "lgg"])
+def test_every_param_and_path_dvc_yaml_names_is_written_in_params_yaml(preset):
+    """DVC reads params.yaml itself, not the typed defaults: a key it tracks that the file leaves to a default
+    fails the stage (MissingParamsError), with a preset merged in or not."""
+    import re
+
+    import yaml
+
+    from components.config import merge_into, preset_overrides
+    from tests.conftest import PROJECT
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    if preset is not None:
+        merge_into(params, preset_overrides(preset)[1])
+    dvc = (PROJECT / "dvc.yaml").read_text()
+    named = {key for stage in yaml.safe_load(dvc)["stages"].values() for key in stage.get("params", [])}
+    named |= set(re.findall(r"\$\{([^}]+)\}", dvc))
+    assert named and not sorted(key for key in named if not _resolves(params, key))

@@ -1,5 +1,5 @@
-"""The pretrain stage: another set's images, less its copies of the pipeline's own, train the network that the
-train stage starts from."""
+"""The pretrain_set and pretrain stages: another set's images, less their copies of the pipeline's own, train the
+network that the train stage starts from."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from components.config import Params, PretrainConfig, TrainConfig
 from tests.conftest import PROJECT, make_workspace, training_runs, workspace_env
 
 
-def test_without_a_pretraining_set_the_stage_records_that_and_training_starts_fresh(tmp_path, capsys):
-    from components.pretrain import run
+def test_without_a_pretraining_set_the_stages_record_that_and_training_starts_fresh(tmp_path, capsys):
+    from components import pretrain, pretrain_set
 
     config = PretrainConfig(out_dir=tmp_path / "models_pretrained", data_dir=tmp_path / "pretrain")
+    assert pretrain_set.run(config) == {"images": 0} and pd.read_csv(config.data_dir / "split.csv").empty
     (config.out_dir).mkdir()
     (config.out_dir / "model.pt").write_bytes(b"left by an earlier pretraining")
-    assert run(config, TrainConfig()) == {"pretrained": False}
+    assert pretrain.run(config, TrainConfig()) == {"pretrained": False}
     assert not (config.out_dir / "model.pt").exists(), "stale weights would start training"
     assert json.loads((config.out_dir / "pretrain.json").read_text()) == {"pretrained": False}
     assert "training starts from fresh weights" in capsys.readouterr().out
@@ -37,12 +38,15 @@ def test_a_pretraining_set_makes_training_start_from_its_weights_and_init_weight
         Params.model_validate({"pretrain": {"source": "other-set"}, "train": {"init_weights": "mine.pt"}})
 
 
-def test_dvc_reruns_pretraining_for_exactly_the_train_keys_it_takes():
-    from components.pretrain import FROM_TRAIN
+def test_dvc_reruns_pretraining_for_exactly_the_keys_it_takes_and_not_for_new_target_images():
+    from components.pretrain import FROM_PRETRAIN, FROM_TRAIN
 
-    stage = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["pretrain"]
-    assert sorted(key.removeprefix("train.") for key in stage["params"] if key.startswith("train.")) == sorted(FROM_TRAIN)
-    assert "${pretrain.out_dir}" in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    keys = stages["pretrain"]["params"]
+    assert sorted(key.removeprefix("train.") for key in keys if key.startswith("train.")) == sorted(FROM_TRAIN)
+    assert {f"pretrain.{key}" for key in FROM_PRETRAIN} <= set(keys) and "train.batch_size" not in keys, "tuning train does not pretrain"
+    assert "${pretrain.target}" in stages["pretrain_set"]["deps"] and "${pretrain.target}" not in stages["pretrain"]["deps"]
+    assert "${pretrain.out_dir}" in stages["train"]["deps"]
 
 
 def _save(image: np.ndarray, path) -> str:
@@ -52,7 +56,7 @@ def _save(image: np.ndarray, path) -> str:
 
 
 def test_a_copy_of_a_target_image_is_found_through_one_sequence_even_rescaled(tmp_path):
-    from components.pretrain import copies_of_target
+    from components.pretrain_set import copies_of_target
 
     rng = np.random.default_rng(0)
     colour = rng.random((48, 48, 3))
@@ -92,7 +96,7 @@ def test_the_stage_pretrains_on_another_set_less_its_copies_and_train_starts_fro
     Image.fromarray(copied).save(source / "plain" / "copy.png")
     for name in ("validate", "split"):
         stage(name)
-    output = stage("pretrain")
+    output = stage("pretrain_set") + stage("pretrain")
     summary = json.loads((root / "models_pretrained" / "pretrain.json").read_text())
     assert summary["pretrained"] and summary["images"] == 24 and summary["left_out_as_copies"] == 1, output
     assert summary["classes"] == ["disc", "plain"] and 0 <= summary["validation_accuracy"] <= 1
@@ -100,3 +104,5 @@ def test_the_stage_pretrains_on_another_set_less_its_copies_and_train_starts_fro
     assert [run.info.run_id for run in runs] == [summary["run_id"]] and runs[0].info.status == "FINISHED"
     output = stage("train")
     assert "initial weights: " in output and "tensors from model.pt" in output
+    trained = [run for run in training_runs(root)[1]]
+    assert [run.data.tags["tumorscope.pretrained_run"] for run in trained] == [summary["run_id"]], "the model names its pretraining"
