@@ -20,7 +20,9 @@ Training time per fold is printed too: the targets are set for 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -198,6 +200,8 @@ def main() -> None:
     data = args.data.resolve()
     workspace = Path(tempfile.mkdtemp(prefix="tumorscope-quality-"))
     os.chdir(workspace)  # the ingest and prepared-image caches live here
+    # the prepared images (5-7 GB at 256 px) go when the run ends, finished or failed; scores and fold weights stay
+    atexit.register(shutil.rmtree, workspace / "data" / "cache", True)
     manifest = ingest(data, workspace)
     if pretrain_data is not None:
         params = pretrained(params, pretrain_data, workspace)
