@@ -25,6 +25,7 @@ from components.settings import get_settings
 
 MLFLOW_REQUIREMENTS = ["torch==2.13.0", "monai==1.6.1", "numpy<3"]
 TRAINED_RUN_TAG = "tumorscope.trained_run"
+STARTING_POINT_TAGS = ("tumorscope.pretrained_run", "tumorscope.init_weights_hash")  # set on the training run (train.py)
 
 
 def fit_on_validation(classifier: Classifier, validation: pd.DataFrame, config: CalibrateConfig) -> dict[str, float]:
@@ -153,7 +154,9 @@ def _publish(classifier: Classifier, config: CalibrateConfig, trained: dict, cal
         ) from None
     mlflow.set_tracking_uri(get_settings().tracking_uri)
     run_name = f"calibrate-{classifier.spec.network}-{classifier.spec.image_size}px"
-    with mlflow.start_run(experiment_id=training.info.experiment_id, run_name=run_name, tags={TRAINED_RUN_TAG: trained["run_id"]}) as run:
+    started_from = {key: value for key, value in training.data.tags.items() if key in STARTING_POINT_TAGS}  # the card names them
+    tags = {TRAINED_RUN_TAG: trained["run_id"], **started_from}
+    with mlflow.start_run(experiment_id=training.info.experiment_id, run_name=run_name, tags=tags) as run:
         own = config.model_dump(mode="json", exclude={"model_dir", "split", "out_dir", "threads"})
         mlflow.log_params({**training.data.params, **{key: str(value) for key, value in own.items()}})
         info = mlflow.pytorch.log_model(classifier.net, name="model", serialization_format="pickle", pip_requirements=MLFLOW_REQUIREMENTS)

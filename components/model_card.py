@@ -55,6 +55,7 @@ def build_card(model_name: str, version: str, run) -> dict:
         "limitations": LIMITATIONS,
         "data": {"data_hash": params.get("data_hash"), "classes": params.get("classes", "").split(",")},
         "trained_run_id": run.data.tags.get("tumorscope.trained_run"),  # the calibration's run names its training run
+        "pretrained_run_id": run.data.tags.get("tumorscope.pretrained_run"),  # and the pretraining its weights started from
         "training": {k: params[k] for k in sorted(params) if k not in ("data_hash", "classes")},
         "metrics": {name: metrics[f"test_{name}"] for name in TEST_METRICS if f"test_{name}" in metrics},
         "calibration": {name: metrics[name] for name in CALIBRATION_METRICS if name in metrics},
@@ -90,7 +91,8 @@ def render_markdown(card: dict) -> str:
     lines += ["## Not for", *[f"- {item}" for item in card["not_for"]], "", "## Data"]
     lines += [f"- classes: {', '.join(card['data']['classes'])}", f"- data version (split hash): `{card['data']['data_hash']}`"]
     training = f", training `{card['trained_run_id']}`" if card.get("trained_run_id") else ""  # versions before the calibrate stage
-    lines += [f"- MLflow runs: calibration `{card['run_id']}`{training}", ""]
+    pretraining = f", pretraining `{card['pretrained_run_id']}`" if card.get("pretrained_run_id") else ""
+    lines += [f"- MLflow runs: calibration `{card['run_id']}`{training}{pretraining}", ""]
     lines += ["## Test metrics", "| metric | value |", "|---|---|", *[f"| {k} | {v:.4f} |" for k, v in card["metrics"].items()], ""]
     lines += ["## Calibration and operating point", *[f"- {k}: {v:.4f}" for k, v in card["calibration"].items()], ""]
     if card["subgroups"]:

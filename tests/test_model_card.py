@@ -29,14 +29,14 @@ def test_card_comes_from_the_run_and_renders(tmp_path: Path, monkeypatch):
             table, index=False
         )
         mlflow.log_artifact(str(table), artifact_path="evaluation")
-        mlflow.set_tag("tumorscope.trained_run", "train-run-1")
+        mlflow.set_tags({"tumorscope.trained_run": "train-run-1", "tumorscope.pretrained_run": "pretrain-run-1"})
     card = build_card("tumorscope-x", "4", mlflow.get_run(run.info.run_id))
     assert card["metrics"] == {"accuracy": 0.91, "sensitivity": 0.95}
     assert card["calibration"] == {"operating_threshold": 0.31, "val_specificity_at_threshold": 0.9}, "what the threshold costs"
     assert card["data"]["classes"] == ["notumor", "tumor"]
     assert [row["group"] for row in card["subgroups"]] == ["F", "M"] and card["training"] == {"epochs": "3"}
     markdown = render_markdown(card)
-    assert f"calibration `{run.info.run_id}`, training `train-run-1`" in markdown
+    assert f"calibration `{run.info.run_id}`, training `train-run-1`, pretraining `pretrain-run-1`" in markdown
     assert "| sensitivity | 0.9500 |" in markdown and "| sex | F | 0.930 | 40 |" in markdown and "## Not for" in markdown
     (tmp_path / "bento").mkdir()
     publish(card, tmp_path / "bento")
