@@ -162,7 +162,8 @@ def pretrained(params, source: Path, workspace: Path):
     pretrain_set.run(config, REAL_DATA_DUPLICATE_CORRELATION)
     pretrain.run(config, params.train)
     print(f"pretrained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    return params.model_copy(update={"train": params.train.model_copy(update={"init_weights": config.out_dir / "model.pt"})})
+    pretrained = params.model_copy(update={"pretrain": config})
+    return pretrained.model_copy(update={"train": pretrained.train_as_run})
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -83,22 +84,38 @@ def _print_summary(summary: dict, root: Path) -> None:
 REAL_DATA_DUPLICATE_CORRELATION = 0.97
 
 
-def _point_params_at(data: Path, model_name: str | None) -> None:
-    """Write the data source (and a registered-model name for it) into params.yaml, keeping its comments."""
+def _rewrite_params(change: Callable[[dict], None]) -> dict:
+    """params.yaml read, changed in place by ``change`` and written back, its comments kept: the values a command
+    sets become the workspace's versioned params, so `dvc repro` reproduces them."""
     from ruamel.yaml import YAML
 
     yaml = YAML()
     params_file = Path("params.yaml")
     params = yaml.load(params_file.read_text())
+    change(params)
+    with params_file.open("w") as handle:
+        yaml.dump(params, handle)
+    return params
+
+
+def _folder(data: Path) -> Path:
     source = data.resolve()
     if not source.is_dir():
         _fail(f"{data}: not a folder")
-    params["ingest"]["source"] = str(source)
+    return source
+
+
+def _point_params_at(data: Path, model_name: str | None) -> None:
+    """Write the data source (and a registered-model name for it) into params.yaml."""
+    source = _folder(data)
     slug = re.sub(r"[^a-z0-9]+", "-", f"{source.parent.name}-{source.name}".lower()).strip("-")
-    params["register"]["model_name"] = model_name or f"tumorscope-{slug}"
-    params["ingest"]["duplicate_correlation"] = REAL_DATA_DUPLICATE_CORRELATION
-    with params_file.open("w") as handle:
-        yaml.dump(params, handle)
+
+    def point(params: dict) -> None:
+        params["ingest"]["source"] = str(source)
+        params["register"]["model_name"] = model_name or f"tumorscope-{slug}"
+        params["ingest"]["duplicate_correlation"] = REAL_DATA_DUPLICATE_CORRELATION
+
+    params = _rewrite_params(point)
     typer.echo(
         f"params.yaml: ingest.source = {source}; register.model_name = {params['register']['model_name']}; "
         f"ingest.duplicate_correlation = {REAL_DATA_DUPLICATE_CORRELATION}"
@@ -106,39 +123,26 @@ def _point_params_at(data: Path, model_name: str | None) -> None:
 
 
 def _point_pretraining_at(data: Path) -> None:
-    """Write the pretraining set into params.yaml (pretrain.source), keeping its comments."""
-    from ruamel.yaml import YAML
-
-    source = data.resolve()
-    if not source.is_dir():
-        _fail(f"{data}: not a folder")
-    yaml = YAML()
-    params_file = Path("params.yaml")
-    params = yaml.load(params_file.read_text())
-    params.setdefault("pretrain", {})["source"] = str(source)
-    with params_file.open("w") as handle:
-        yaml.dump(params, handle)
+    """Write the pretraining set into params.yaml (pretrain.source)."""
+    source = _folder(data)
+    _rewrite_params(lambda params: params.setdefault("pretrain", {}).update(source=str(source)))
     typer.echo(f"params.yaml: pretrain.source = {source}")
 
 
 def _apply_preset(preset: str) -> None:
-    """Merge a data set's tuned settings into params.yaml, keeping its comments: the preset's values become the
-    workspace's versioned params, so `dvc repro` reproduces them."""
-    from ruamel.yaml import YAML
-
-    from components.config import merge_into, params_with_preset, preset_overrides
+    """Merge a data set's tuned settings into params.yaml."""
+    from components.config import PARAMS_FILE, merge_into, params_with_preset, preset_overrides
 
     path, overrides = preset_overrides(preset)
-    yaml = YAML()
-    params_file = Path("params.yaml")
-    params = yaml.load(params_file.read_text())
-    unknown = sorted(set(overrides) - set(params))
-    if unknown:
-        _fail(f"{path}: unknown params.yaml sections {unknown}")
-    params_with_preset(preset, params_file)  # every value checked, the preset named, before params.yaml changes
-    merge_into(params, overrides)
-    with params_file.open("w") as handle:
-        yaml.dump(params, handle)
+
+    def merge(params: dict) -> None:
+        unknown = sorted(set(overrides) - set(params))
+        if unknown:
+            _fail(f"{path}: unknown params.yaml sections {unknown}")
+        params_with_preset(preset, PARAMS_FILE)  # every value checked, the preset named, before params.yaml changes
+        merge_into(params, overrides)
+
+    _rewrite_params(merge)
     typer.echo(f"params.yaml: {path.name} applied ({', '.join(f'{k}.*' for k in overrides)})")
 
 

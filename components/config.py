@@ -200,9 +200,7 @@ class CalibrateConfig(Section):
     target_sensitivity: float | None = Field(None, gt=0, lt=1)  # None: operating threshold 0.5 on P(tumour)
     specificity_floor: float | None = Field(None, gt=0, lt=1)  # lowest validation specificity the threshold may cost (None: no floor)
     flip_averaging: bool = False  # predictions average the slice and its left-right mirror (test-time augmentation)
-    lesion_vote: bool = (
-        False  # with a lesion map (train.mask_weight > 0): P(tumour) averages the classifier's and the map's strongest cell's
-    )
+    lesion_vote: bool = False  # needs train.mask_weight > 0: P(tumour) averages the classifier's and the lesion map's
     threads: int = Field(2, ge=1)
 
 

@@ -21,10 +21,10 @@ import pandas as pd
 
 from components.config import PretrainConfig, TrainConfig, load_params
 from components.errors import DataError
+from components.model import WEIGHTS_FILE
 from components.pretrain_set import SELECTION_FILE, SPLIT_FILE
 
 SUMMARY_FILE = "pretrain.json"
-WEIGHTS_FILE = "model.pt"
 # What pretraining takes from the train section: the network's shape, so that its weights load (dvc.yaml lists these
 # as the stage's params), and how the machine runs it. How it is optimised is the pretrain section's: tuning train's
 # optimiser does not pretrain again. What is specific to the target set (lesion map, mixup, sequence dropout,

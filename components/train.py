@@ -96,9 +96,10 @@ def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray, 
             probs, labels = self._gathered()
             self._val_outputs.clear()
             epoch = {"val_accuracy": float((probs.argmax(1) == labels).mean())}
-            is_tumour = labels != spec.tumour_free_index if NO_TUMOUR in spec.classes else None  # (a pretraining set's may lack it)
-            if is_tumour is not None and 0 < is_tumour.sum() < len(labels):
-                epoch["val_auc"] = float(roc_auc_score(is_tumour, 1 - probs[:, spec.tumour_free_index]))
+            if NO_TUMOUR in spec.classes:  # a pretraining set may have none: no tumour-vs-none AUC then
+                is_tumour = labels != spec.tumour_free_index
+                if 0 < is_tumour.sum() < len(labels):
+                    epoch["val_auc"] = float(roc_auc_score(is_tumour, 1 - probs[:, spec.tumour_free_index]))
             self.log_dict(epoch)  # already computed over every rank's predictions
             if not self.trainer.sanity_checking and self.trainer.is_global_zero:
                 log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-7)).to(self.device)
@@ -409,8 +410,10 @@ def _starting_point(config: TrainConfig) -> dict[str, str]:
     """Which weights training started from, as run tags: their content hash and, for the pretrain stage's, its run."""
     if config.init_weights is None or not config.init_weights.is_file():
         return {}
+    from components.pretrain import SUMMARY_FILE  # written beside its weights
+
     tags = {"tumorscope.init_weights_hash": file_hash(config.init_weights)}
-    summary = config.init_weights.parent / "pretrain.json"  # components/pretrain.py writes it beside its weights
+    summary = config.init_weights.parent / SUMMARY_FILE
     if summary.is_file():
         tags["tumorscope.pretrained_run"] = json.loads(summary.read_text()).get("run_id", "")
     return tags
