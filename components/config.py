@@ -164,6 +164,7 @@ class TrainConfig(Section):
     resume: bool = True  # a killed run with the same params and data resumes from its last checkpoint
     checkpoint_root: Path = Path("data/checkpoints")
     init_weights: Path | None = None  # local pretrained weights (state dict or Lightning checkpoint); none are downloaded
+    pretrained_lr_factor: float = Field(1.0, gt=0, le=1)  # < 1: tensors loaded from starting weights learn at this fraction of the rate
     threads: int = Field(2, ge=1)
     seed: int = 42
     experiment: str = "tumorscope"

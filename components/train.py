@@ -19,6 +19,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,7 @@ def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray, 
             self.loss = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32), label_smoothing=config.label_smoothing)
             self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
             self._train_losses: list[float] = []
+            self.slower: frozenset[str] = frozenset()  # parameters loaded from starting weights (_fit_network)
 
         def forward(self, x):
             return self.net(x.contiguous(memory_format=torch.channels_last))
@@ -122,18 +124,34 @@ def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray, 
             print(f"{label}epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: {shown}", flush=True)
 
         def configure_optimizers(self):
-            return one_cycle(self, config.effective_learning_rate, config.weight_decay)
+            return one_cycle(self, config.effective_learning_rate, config.weight_decay, self.slower, config.pretrained_lr_factor)
 
     return SliceClassifier()
 
 
-def one_cycle(module, learning_rate: float, weight_decay: float) -> dict:
-    """AdamW under a one-cycle schedule over the whole fit, stepped per batch: Lightning's optimiser config."""
+def one_cycle(module, learning_rate: float, weight_decay: float, slower: frozenset[str] = frozenset(), factor: float = 1.0) -> dict:
+    """AdamW under a one-cycle schedule over the whole fit, stepped per batch: Lightning's optimiser config. The
+    parameters named in ``slower`` (those loaded from starting weights) learn at ``factor`` × the rate, so that a
+    few dozen patients fine-tune what another set taught rather than overwrite it."""
     import torch
 
-    optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=module.trainer.estimated_stepping_batches)
+    groups = rate_groups(module.named_parameters(), learning_rate, slower, factor)
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[group["lr"] for group in groups], total_steps=module.trainer.estimated_stepping_batches
+    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def rate_groups(named_parameters, learning_rate: float, slower: frozenset[str], factor: float) -> list[dict]:
+    """The optimiser's parameter groups: the fresh parameters at ``learning_rate``, those in ``slower`` at ``factor``
+    × it (one group when either set is empty)."""
+    named = list(named_parameters)
+    groups = [
+        {"params": [p for name, p in named if name not in slower], "lr": learning_rate},
+        {"params": [p for name, p in named if name in slower], "lr": learning_rate * factor},
+    ]
+    return [group for group in groups if group["params"]]
 
 
 def rank_partition(rows: pd.DataFrame, rank: int, world_size: int, shuffle: bool, seed: int) -> pd.DataFrame:
@@ -219,7 +237,12 @@ def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
     return config.checkpoint_root / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-def load_initial_weights(net, path: Path, network: int = 0) -> str:
+class LoadedWeights(NamedTuple):
+    names: frozenset[str]  # the network's tensors that came from the file
+    message: str
+
+
+def load_initial_weights(net, path: Path, network: int = 0) -> LoadedWeights:
     """A user's pretrained weights (a state dict or a Lightning checkpoint). Tensors whose names and shapes match
     are loaded; the rest (a head for other classes, say) keep their fresh initialisation. From an ensemble's file,
     the ``network``-th of a new ensemble starts from its ``network``-th member (its last when it has fewer)."""
@@ -238,7 +261,7 @@ def load_initial_weights(net, path: Path, network: int = 0) -> str:
     if not matched:
         raise DataError(path, "no tensor matches this network: another architecture or width?")
     net.load_state_dict(matched, strict=False)
-    return f"initial weights: {len(matched)} of {len(own)} tensors from {path.name}{source}"
+    return LoadedWeights(frozenset(matched), f"initial weights: {len(matched)} of {len(own)} tensors from {path.name}{source}")
 
 
 def _one_members_weights(state: dict, own: dict, network: int) -> tuple[dict, str]:
@@ -472,8 +495,9 @@ def _fit_network(
     module = lightning_module(spec, config, weights, label)
     if config.init_weights is not None:
         loaded = load_initial_weights(module.net, config.init_weights, which[0])
+        module.slower = frozenset(f"net.{name}" for name in loaded.names)
         if is_global_zero():
-            print(label + loaded, flush=True)
+            print(label + loaded.message, flush=True)
     trainer = _trainer(config, logger, checkpoints)
     trainer.fit(module, datamodule=data_module(split, config, spec.classes), ckpt_path=resume_from)
     _say_if_cut_short(trainer, label)

@@ -75,7 +75,9 @@ def test_initial_weights_load_where_names_and_shapes_match(tmp_path):
     donor = build_network(spec)
     torch.save({"state_dict": {f"net.{k}": v for k, v in donor.state_dict().items()}}, tmp_path / "donor.ckpt")
     three_classes = build_network(spec.model_copy(update={"classes": ["a", "b", "c"]}))
-    message = load_initial_weights(three_classes, tmp_path / "donor.ckpt")
+    loaded = load_initial_weights(three_classes, tmp_path / "donor.ckpt")
+    message = loaded.message
+    assert "conv1.weight" in loaded.names and "fc.weight" not in loaded.names, "the names say which tensors came from the file"
     assert torch.equal(three_classes.conv1.weight, donor.conv1.weight)
     assert three_classes.fc.weight.shape[0] == 3, "the head for other classes keeps its own initialisation"
     assert message.startswith("initial weights:") and "of" in message
@@ -83,16 +85,29 @@ def test_initial_weights_load_where_names_and_shapes_match(tmp_path):
     torch.save(ensemble.state_dict(), tmp_path / "ensemble.pt")
     for network, member in ((0, 0), (1, 1), (2, 1)):
         fresh = build_network(spec)
-        assert load_initial_weights(fresh, tmp_path / "ensemble.pt", network).endswith(f"(its member {member + 1})")
+        assert load_initial_weights(fresh, tmp_path / "ensemble.pt", network).message.endswith(f"(its member {member + 1})")
         assert torch.equal(fresh.conv1.weight, ensemble.members[member].conv1.weight)
     whole = one_network([build_network(spec), build_network(spec)])
-    assert "(its member" not in load_initial_weights(whole, tmp_path / "ensemble.pt"), "an ensemble starts as a whole"
+    assert "(its member" not in load_initial_weights(whole, tmp_path / "ensemble.pt").message, "an ensemble starts as a whole"
     assert torch.equal(whole.members[1].conv1.weight, donor.conv1.weight)
     torch.save({"members.head.w": torch.zeros(1), **donor.state_dict()}, tmp_path / "odd_names.pt")
-    assert "(its member" not in load_initial_weights(build_network(spec), tmp_path / "odd_names.pt")
+    assert "(its member" not in load_initial_weights(build_network(spec), tmp_path / "odd_names.pt").message
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="not a PyTorch checkpoint"):
         load_initial_weights(three_classes, tmp_path / "junk.pt")
+
+
+def test_loaded_parameters_learn_at_their_own_rate():
+    from components.model import ModelSpec, build_network
+    from components.train import rate_groups
+
+    net = build_network(ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["a", "b"]))
+    loaded = frozenset(name for name, _ in net.named_parameters() if not name.startswith("fc."))
+    fresh, slower = rate_groups(net.named_parameters(), 3e-3, loaded, 0.1)
+    assert (fresh["lr"], slower["lr"]) == (3e-3, pytest.approx(3e-4))
+    assert {id(p) for p in fresh["params"]} == {id(net.fc.weight), id(net.fc.bias)}
+    assert len(slower["params"]) == len(loaded)
+    assert [g["lr"] for g in rate_groups(net.named_parameters(), 3e-3, frozenset(), 0.1)] == [3e-3], "nothing loaded: one group"
 
 
 def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path, str]:
