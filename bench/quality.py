@@ -149,6 +149,7 @@ def pretrained(params, source: Path, workspace: Path):
     the whole set, and no fold's labels are used."""
     from components import pretrain, pretrain_set
     from components.cli import REAL_DATA_DUPLICATE_CORRELATION
+    from components.config import IngestConfig
 
     config = params.pretrain.model_copy(
         update={
@@ -159,7 +160,7 @@ def pretrained(params, source: Path, workspace: Path):
         }
     )
     started = time.perf_counter()
-    pretrain_set.run(config, REAL_DATA_DUPLICATE_CORRELATION)
+    pretrain_set.run(config, IngestConfig(out=workspace / "manifest.csv", duplicate_correlation=REAL_DATA_DUPLICATE_CORRELATION))
     pretrain.run(config, params.train)
     print(f"pretrained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     pretrained = params.model_copy(update={"pretrain": config})

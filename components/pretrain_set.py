@@ -13,7 +13,6 @@ check: the pretrain stage depends on the split written here, which stays the sam
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -51,16 +50,23 @@ def copies_of_target(pretraining: pd.DataFrame, target: pd.DataFrame) -> np.ndar
     return best
 
 
-def ingest_source(config: PretrainConfig, duplicate_correlation: float) -> pd.DataFrame:
-    from components.ingest import run as ingest
+def pretraining_ingest(config: PretrainConfig, ingest: IngestConfig) -> IngestConfig:
+    """The pipeline's own ingest settings (volume preparation, near-duplicate threshold, de-identification) read
+    the pretraining source into the pretraining folder, the layout found anew; the pipeline's cache is shared, so
+    that it stays out of this stage's DVC output."""
+    return ingest.model_copy(update={
+        "source": config.source, "format": "auto", "out": config.data_dir / "manifest.csv",
+        "derived_dir": config.data_dir / "derived", "feedback_dir": None,
+        "cache_dir": ingest.cache_dir or ingest.out.parent / "cache",
+    })  # fmt: skip
+
+
+def ingest_source(config: PretrainConfig, ingest: IngestConfig) -> pd.DataFrame:
+    from components.ingest import run as run_ingest
 
     if not config.source.exists():
         raise DataError(config.source, "pretrain.source not found")
-    ingest_config = IngestConfig(
-        source=config.source, out=config.data_dir / "manifest.csv", derived_dir=config.data_dir / "derived",
-        duplicate_correlation=duplicate_correlation, cache_dir=Path("data/cache"),
-    )  # fmt: skip
-    return ingest(ingest_config).manifest
+    return run_ingest(pretraining_ingest(config, ingest)).manifest
 
 
 def split_for_pretraining(manifest: pd.DataFrame, config: PretrainConfig) -> pd.DataFrame:
@@ -71,15 +77,16 @@ def split_for_pretraining(manifest: pd.DataFrame, config: PretrainConfig) -> pd.
     return manifest.assign(split=np.where(held, "val", "train"))
 
 
-def run(config: PretrainConfig, duplicate_correlation: float = 0.97) -> dict:
-    """Write the pretraining split (no rows when ``pretrain.source`` is unset) and what was left out."""
+def run(config: PretrainConfig, ingest: IngestConfig | None = None) -> dict:
+    """Write the pretraining split (no rows when ``pretrain.source`` is unset) and what was left out; ``ingest``:
+    the pipeline's ingest section."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     if config.source is None:
         pd.DataFrame(columns=["image_id", "label", "path", "split"]).to_csv(config.data_dir / SPLIT_FILE, index=False)
         return _record(config, {"images": 0})
     if not config.target.exists():
         raise DataError(config.target, "the pipeline's own manifest is missing: run the ingest stage first")
-    manifest = ingest_source(config, duplicate_correlation)
+    manifest = ingest_source(config, ingest or IngestConfig())
     closest = copies_of_target(manifest, pd.read_csv(config.target))
     copies = closest >= config.copy_correlation
     kept = manifest[~copies].reset_index(drop=True)
@@ -107,7 +114,7 @@ def main() -> None:
 
     def work() -> dict:
         params = load_params()
-        return run(params.pretrain, params.ingest.duplicate_correlation)
+        return run(params.pretrain, params.ingest)
 
     run_stage(work)
 

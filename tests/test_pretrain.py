@@ -49,6 +49,23 @@ def test_dvc_reruns_pretraining_for_exactly_the_keys_it_takes_and_not_for_new_ta
     assert "${pretrain.out_dir}" in stages["train"]["deps"]
 
 
+def test_the_pretraining_source_is_read_with_the_pipelines_ingest_settings_and_cache():
+    from components.config import IngestConfig
+    from components.pretrain_set import pretraining_ingest
+
+    pipeline = IngestConfig.model_validate(
+        {"format": "lgg", "feedback_dir": "data/feedback", "duplicate_correlation": 0.95, "volume": {"spacing": [2, 2, 2]}}
+    )
+    config = PretrainConfig(source="other-set", data_dir="data/pretrain")
+    ingest = pretraining_ingest(config, pipeline)
+    assert ingest.volume.spacing == (2, 2, 2) and ingest.duplicate_correlation == 0.95
+    assert (str(ingest.source), ingest.format, ingest.feedback_dir) == ("other-set", "auto", None), "its own layout, no feedback"
+    assert str(ingest.out) == "data/pretrain/manifest.csv" and str(ingest.cache_dir) == "data/cache", (
+        "the cache is kept out of the stage's output"
+    )
+    assert "ingest.volume" in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["pretrain_set"]["params"]
+
+
 def _save(image: np.ndarray, path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((image * 255).astype(np.uint8)).save(path)
