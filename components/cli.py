@@ -84,18 +84,26 @@ def _print_summary(summary: dict, root: Path) -> None:
 REAL_DATA_DUPLICATE_CORRELATION = 0.97
 
 
-def _rewrite_params(change: Callable[[dict], None]) -> dict:
-    """params.yaml read, changed in place by ``change`` and written back, its comments kept: the values a command
-    sets become the workspace's versioned params, so `dvc repro` reproduces them."""
+ParamsChange = Callable[[dict], str]  # changes params.yaml's content in place; says what it changed
+
+
+def _rewrite_params(changes: list[ParamsChange]) -> None:
+    """params.yaml read, changed by ``changes`` and written back, its comments kept: the values a command sets
+    become the workspace's versioned params, so `dvc repro` reproduces them. All or nothing: the result is checked
+    first, so a refused change (a value out of range, a conflict) leaves the file as it was."""
     from ruamel.yaml import YAML
+
+    from components.config import checked_params
 
     yaml = YAML()
     params_file = Path("params.yaml")
     params = yaml.load(params_file.read_text())
-    change(params)
+    said = [change(params) for change in changes]
+    checked_params(params, params_file)
     with params_file.open("w") as handle:
         yaml.dump(params, handle)
-    return params
+    for line in said:
+        typer.echo(f"params.yaml: {line}")
 
 
 def _folder(data: Path) -> Path:
@@ -105,45 +113,49 @@ def _folder(data: Path) -> Path:
     return source
 
 
-def _point_params_at(data: Path, model_name: str | None) -> None:
-    """Write the data source (and a registered-model name for it) into params.yaml."""
+def _data_source(data: Path, model_name: str | None) -> ParamsChange:
+    """The data source, a registered-model name for it, and the real-data near-duplicate threshold."""
     source = _folder(data)
     slug = re.sub(r"[^a-z0-9]+", "-", f"{source.parent.name}-{source.name}".lower()).strip("-")
 
-    def point(params: dict) -> None:
+    def point(params: dict) -> str:
         params["ingest"]["source"] = str(source)
         params["register"]["model_name"] = model_name or f"tumorscope-{slug}"
         params["ingest"]["duplicate_correlation"] = REAL_DATA_DUPLICATE_CORRELATION
+        return (
+            f"ingest.source = {source}; register.model_name = {params['register']['model_name']}; "
+            f"ingest.duplicate_correlation = {REAL_DATA_DUPLICATE_CORRELATION}"
+        )
 
-    params = _rewrite_params(point)
-    typer.echo(
-        f"params.yaml: ingest.source = {source}; register.model_name = {params['register']['model_name']}; "
-        f"ingest.duplicate_correlation = {REAL_DATA_DUPLICATE_CORRELATION}"
-    )
-
-
-def _point_pretraining_at(data: Path) -> None:
-    """Write the pretraining set into params.yaml (pretrain.source)."""
-    source = _folder(data)
-    _rewrite_params(lambda params: params.setdefault("pretrain", {}).update(source=str(source)))
-    typer.echo(f"params.yaml: pretrain.source = {source}")
+    return point
 
 
-def _apply_preset(preset: str) -> None:
-    """Merge a data set's tuned settings into params.yaml."""
+def _pretraining_source(data: Path | None) -> ParamsChange:
+    """pretrain.source: the set the network learns first, or none (training starts from fresh weights)."""
+    source = None if data is None else _folder(data)
+
+    def point(params: dict) -> str:
+        params.setdefault("pretrain", {})["source"] = None if source is None else str(source)
+        return f"pretrain.source = {source if source is not None else 'null (no pretraining)'}"
+
+    return point
+
+
+def _preset(preset: str) -> ParamsChange:
+    """A data set's tuned settings merged over params.yaml's."""
     from components.config import PARAMS_FILE, merge_into, params_with_preset, preset_overrides
 
     path, overrides = preset_overrides(preset)
 
-    def merge(params: dict) -> None:
+    def merge(params: dict) -> str:
         unknown = sorted(set(overrides) - set(params))
         if unknown:
             _fail(f"{path}: unknown params.yaml sections {unknown}")
-        params_with_preset(preset, PARAMS_FILE)  # every value checked, the preset named, before params.yaml changes
+        params_with_preset(preset, PARAMS_FILE)  # every value checked with the preset named in what is wrong
         merge_into(params, overrides)
+        return f"{path.name} applied ({', '.join(f'{k}.*' for k in overrides)})"
 
-    _rewrite_params(merge)
-    typer.echo(f"params.yaml: {path.name} applied ({', '.join(f'{k}.*' for k in overrides)})")
+    return merge
 
 
 @app.command()
@@ -163,6 +175,9 @@ def run(
             "those weights (written into params.yaml as pretrain.source)."
         ),
     ] = None,
+    no_pretrain: Annotated[
+        bool, typer.Option("--no-pretrain", help="Train from fresh weights again (pretrain.source: null in params.yaml).")
+    ] = False,
     force_from: Annotated[str | None, typer.Option(help="Rerun this stage and all later ones even if up to date.")] = None,
     workdir: Workspace = Path("."),
 ) -> None:
@@ -172,15 +187,18 @@ def run(
     store (mlflow.db, mlartifacts/) and a built bento (.bentoml/), then prints a summary.
     """
     root = _enter(workdir)
-    if data is not None:
-        _point_params_at(data, model_name)
-    if pretrain_data is not None:
-        _point_pretraining_at(pretrain_data)
+    if pretrain_data is not None and no_pretrain:
+        _fail("--pretrain-data and --no-pretrain: choose one")
     from components.config import load_params
 
     try:
+        changes = [_data_source(data, model_name)] if data is not None else []
+        if pretrain_data is not None or no_pretrain:
+            changes.append(_pretraining_source(pretrain_data))
         if preset is not None:
-            _apply_preset(preset)
+            changes.append(_preset(preset))
+        if changes:
+            _rewrite_params(changes)
         load_params()  # a value out of range or a conflict (pretrain.source with train.init_weights) fails here, before any stage runs
     except TumorScopeError as error:
         _fail(str(error))

@@ -409,6 +409,11 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise TumorScopeError(f"{path}: not valid YAML: {exc}") from None
+    return checked_params(raw, path)
+
+
+def checked_params(raw: dict, path: Path = PARAMS_FILE) -> Params:
+    """``raw`` (params.yaml's content, read or about to be written) as Params; a bad value is a TumorScopeError."""
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PROJECT
 
 CLI = [sys.executable, "-m", "components.cli"]
@@ -37,12 +39,12 @@ def test_pointing_params_at_real_data_sets_source_name_and_the_real_data_duplica
 
     import yaml
 
-    from components.cli import REAL_DATA_DUPLICATE_CORRELATION, _point_params_at
+    from components.cli import REAL_DATA_DUPLICATE_CORRELATION, _data_source, _rewrite_params
 
     shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "my-site" / "Training").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    _point_params_at(Path("my-site/Training"), None)
+    _rewrite_params([_data_source(Path("my-site/Training"), None)])
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     assert params["ingest"]["source"] == str((tmp_path / "my-site" / "Training").resolve())
     assert params["register"]["model_name"] == "tumorscope-my-site-training"
@@ -53,13 +55,13 @@ def test_pointing_params_at_real_data_sets_source_name_and_the_real_data_duplica
 def test_pretrain_data_sets_the_pretraining_source_and_training_then_starts_from_its_weights(tmp_path, monkeypatch):
     import shutil
 
-    from components.cli import _point_pretraining_at
+    from components.cli import _pretraining_source, _rewrite_params
     from components.config import load_params
 
     shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "other-set").mkdir()
     monkeypatch.chdir(tmp_path)
-    _point_pretraining_at(Path("other-set"))
+    _rewrite_params([_pretraining_source(Path("other-set"))])
     params = load_params()
     assert params.pretrain.source == (tmp_path / "other-set").resolve()
     assert params.train_as_run.init_weights == params.pretrain.out_dir / "model.pt"
@@ -68,12 +70,34 @@ def test_pretrain_data_sets_the_pretraining_source_and_training_then_starts_from
     params_before = (tmp_path / "params.yaml").read_text()
     result = subprocess.run([*CLI, "run", "--pretrain-data", "missing"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "missing: not a folder" in result.stderr
-    conflict = params_before.replace(
-        "  seed: 42\n  experiment: tumorscope\n", "  seed: 42\n  experiment: tumorscope\n  init_weights: mine.pt\n"
+    result = subprocess.run([*CLI, "run", "--pretrain-data", "other-set", "--no-pretrain"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "choose one" in result.stderr
+    assert (tmp_path / "params.yaml").read_text() == params_before
+
+
+def test_a_refused_params_change_writes_nothing_and_no_pretrain_unsets_the_source(tmp_path, monkeypatch):
+    import shutil
+
+    from components.cli import _data_source, _pretraining_source, _rewrite_params
+    from components.config import load_params
+    from components.errors import TumorScopeError
+
+    (tmp_path / "my-site").mkdir()
+    (tmp_path / "other-set").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with_own_weights = (
+        (PROJECT / "params.yaml")
+        .read_text()
+        .replace("  seed: 42\n  experiment: tumorscope\n", "  seed: 42\n  experiment: tumorscope\n  init_weights: mine.pt\n")
     )
-    (tmp_path / "params.yaml").write_text(conflict)
-    result = subprocess.run([*CLI, "run", "--pretrain-data", "other-set"], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2 and "pretrain.source and train.init_weights both name where training starts" in result.stderr
+    (tmp_path / "params.yaml").write_text(with_own_weights)
+    with pytest.raises(TumorScopeError, match="pretrain.source and train.init_weights both name where training starts"):
+        _rewrite_params([_data_source(Path("my-site"), None), _pretraining_source(Path("other-set"))])
+    assert (tmp_path / "params.yaml").read_text() == with_own_weights, "neither change is written"
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    _rewrite_params([_pretraining_source(Path("other-set"))])
+    _rewrite_params([_pretraining_source(None)])
+    assert load_params().pretrain.source is None and load_params().train_as_run.init_weights is None
 
 
 def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, monkeypatch):
@@ -81,13 +105,13 @@ def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, m
 
     import yaml
 
-    from components.cli import _apply_preset
+    from components.cli import _preset, _rewrite_params
     from components.config import PRESET_DIR, load_params
 
     shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
     shutil.copy(PROJECT / "dvc.yaml", tmp_path / "dvc.yaml")
     monkeypatch.chdir(tmp_path)
-    _apply_preset("lgg")
+    _rewrite_params([_preset("lgg")])
     preset = yaml.safe_load((PRESET_DIR / "lgg.yaml").read_text())["train"]
     params = load_params(tmp_path / "params.yaml")
     train, calibrate = params.train, params.calibrate
