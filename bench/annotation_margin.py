@@ -41,7 +41,9 @@ def fold_rows(workspace: Path) -> pd.DataFrame:
     scores = pd.read_csv(workspace / "test_scores.csv")
     paths = pd.read_csv(workspace / "manifest.csv", usecols=["image_id", "path"])
     rows = scores.merge(paths, on="image_id", how="left", validate="one_to_one")
-    numbers = rows["path"].str.extract(r"_(\d+)\.\w+$", expand=False)
+    from components.ingest import LGG_SLICE_NUMBER  # ingest's own rule for a series slice's number
+
+    numbers = rows["path"].map(lambda path: (found := LGG_SLICE_NUMBER.search(Path(path).stem)) and found[1])
     if numbers.isna().any():
         raise SystemExit(f"{workspace}: file names without a slice number (_<n>.png): not a series-slice data set")
     series = rows["path"].map(lambda path: Path(path).parent.name)
