@@ -43,7 +43,7 @@ def fold_rows(workspace: Path) -> pd.DataFrame:
     rows = scores.merge(paths, on="image_id", how="left", validate="one_to_one")
     from components.ingest import LGG_SLICE_NUMBER  # ingest's own rule for a series slice's number
 
-    numbers = rows["path"].map(lambda path: (found := LGG_SLICE_NUMBER.search(Path(path).stem)) and found[1])
+    numbers = rows["path"].astype(str).map(lambda path: (found := LGG_SLICE_NUMBER.search(Path(path).stem)) and found[1])
     if numbers.isna().any():
         raise SystemExit(f"{workspace}: file names without a slice number (_<n>.png): not a series-slice data set")
     series = rows["path"].map(lambda path: Path(path).parent.name)

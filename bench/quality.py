@@ -149,7 +149,6 @@ def pretrained(params, source: Path, workspace: Path):
     the whole set, and no fold's labels are used."""
     from components import pretrain, pretrain_set
     from components.cli import REAL_DATA_DUPLICATE_CORRELATION
-    from components.config import IngestConfig
 
     config = params.pretrain.model_copy(
         update={
@@ -160,7 +159,14 @@ def pretrained(params, source: Path, workspace: Path):
         }
     )
     started = time.perf_counter()
-    pretrain_set.run(config, IngestConfig(out=workspace / "manifest.csv", duplicate_correlation=REAL_DATA_DUPLICATE_CORRELATION))
+    ingest = params.ingest.model_copy(  # the caches where the run's end removes them
+        update={
+            "out": workspace / "manifest.csv",
+            "duplicate_correlation": REAL_DATA_DUPLICATE_CORRELATION,
+            "cache_dir": workspace / "data" / "cache",
+        }
+    )
+    pretrain_set.run(config, ingest)
     pretrain.run(config, params.train)
     print(f"pretrained in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     pretrained = params.model_copy(update={"pretrain": config})

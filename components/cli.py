@@ -91,6 +91,9 @@ def _rewrite_params(changes: list[ParamsChange]) -> None:
     """params.yaml read, changed by ``changes`` and written back, its comments kept: the values a command sets
     become the workspace's versioned params, so `dvc repro` reproduces them. All or nothing: the result is checked
     first, so a refused change (a value out of range, a conflict) leaves the file as it was."""
+    import io
+
+    import yaml as safe_yaml
     from ruamel.yaml import YAML
 
     from components.config import checked_params
@@ -99,9 +102,10 @@ def _rewrite_params(changes: list[ParamsChange]) -> None:
     params_file = Path("params.yaml")
     params = yaml.load(params_file.read_text())
     said = [change(params) for change in changes]
-    checked_params(params, params_file)
-    with params_file.open("w") as handle:
-        yaml.dump(params, handle)
+    written = io.StringIO()
+    yaml.dump(params, written)
+    checked_params(safe_yaml.safe_load(written.getvalue()), params_file)  # as every stage will read it
+    params_file.write_text(written.getvalue())
     for line in said:
         typer.echo(f"params.yaml: {line}")
 
@@ -143,7 +147,7 @@ def _pretraining_source(data: Path | None) -> ParamsChange:
 
 def _preset(preset: str) -> ParamsChange:
     """A data set's tuned settings merged over params.yaml's."""
-    from components.config import PARAMS_FILE, merge_into, params_with_preset, preset_overrides
+    from components.config import checked_params, merge_into, preset_overrides
 
     path, overrides = preset_overrides(preset)
 
@@ -151,8 +155,8 @@ def _preset(preset: str) -> ParamsChange:
         unknown = sorted(set(overrides) - set(params))
         if unknown:
             _fail(f"{path}: unknown params.yaml sections {unknown}")
-        params_with_preset(preset, PARAMS_FILE)  # every value checked with the preset named in what is wrong
         merge_into(params, overrides)
+        checked_params(params, path)  # applied last: what is wrong now is named in the preset's terms
         return f"{path.name} applied ({', '.join(f'{k}.*' for k in overrides)})"
 
     return merge

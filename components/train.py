@@ -147,6 +147,7 @@ def rate_groups(named_parameters, learning_rate: float, slower: frozenset[str], 
     """The optimiser's parameter groups: the fresh parameters at ``learning_rate``, those in ``slower`` at ``factor``
     × it (one group when either set is empty)."""
     named = list(named_parameters)
+    slower = slower if factor != 1 else frozenset()
     groups = [
         {"params": [p for name, p in named if name not in slower], "lr": learning_rate},
         {"params": [p for name, p in named if name in slower], "lr": learning_rate * factor},
@@ -498,6 +499,8 @@ def _fit_network(
         module.slower = frozenset(f"net.{name}" for name in loaded.names)
         if is_global_zero():
             print(label + loaded.message, flush=True)
+    elif config.pretrained_lr_factor != 1 and is_global_zero():
+        print(f"{label}train.pretrained_lr_factor {config.pretrained_lr_factor} has no effect: no starting weights", flush=True)
     trainer = _trainer(config, logger, checkpoints)
     trainer.fit(module, datamodule=data_module(split, config, spec.classes), ckpt_path=resume_from)
     _say_if_cut_short(trainer, label)

@@ -78,7 +78,7 @@ def test_pretrain_data_sets_the_pretraining_source_and_training_then_starts_from
 def test_a_refused_params_change_writes_nothing_and_no_pretrain_unsets_the_source(tmp_path, monkeypatch):
     import shutil
 
-    from components.cli import _data_source, _pretraining_source, _rewrite_params
+    from components.cli import _data_source, _preset, _pretraining_source, _rewrite_params
     from components.config import load_params
     from components.errors import TumorScopeError
 
@@ -98,6 +98,14 @@ def test_a_refused_params_change_writes_nothing_and_no_pretrain_unsets_the_sourc
     _rewrite_params([_pretraining_source(Path("other-set"))])
     _rewrite_params([_pretraining_source(None)])
     assert load_params().pretrain.source is None and load_params().train_as_run.init_weights is None
+    _rewrite_params([_pretraining_source(Path("other-set"))])
+    (tmp_path / "own-weights.yaml").write_text("train:\n  init_weights: mine.pt\n")
+    _rewrite_params([_pretraining_source(None), _preset(str(tmp_path / "own-weights.yaml"))])  # checked together, not one by one
+    assert str(load_params().train_as_run.init_weights) == "mine.pt"
+    before = (tmp_path / "params.yaml").read_text()
+    with pytest.raises(TumorScopeError, match="own-weights.yaml: .*pretrain.source and train.init_weights"):
+        _rewrite_params([_pretraining_source(Path("other-set")), _preset(str(tmp_path / "own-weights.yaml"))])
+    assert (tmp_path / "params.yaml").read_text() == before
 
 
 def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, monkeypatch):

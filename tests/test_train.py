@@ -108,6 +108,7 @@ def test_loaded_parameters_learn_at_their_own_rate():
     assert {id(p) for p in fresh["params"]} == {id(net.fc.weight), id(net.fc.bias)}
     assert len(slower["params"]) == len(loaded)
     assert [g["lr"] for g in rate_groups(net.named_parameters(), 3e-3, frozenset(), 0.1)] == [3e-3], "nothing loaded: one group"
+    assert [g["lr"] for g in rate_groups(net.named_parameters(), 3e-3, loaded, 1.0)] == [3e-3], "factor 1: one group"
 
 
 def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path, str]:
@@ -352,6 +353,27 @@ def test_cross_validation_and_tuning_folds_start_from_the_initial_weights_too(tm
     for member in (1, 2):
         assert f"member {member}/2: initial weights: " in output
     assert output.count("tensors from pretrained.pt") == 2
+
+
+def test_tensors_from_starting_weights_learn_at_the_factor_of_the_rate(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from components.model import build_network
+    from components.train import _fit_network, _prepared, model_spec
+
+    monkeypatch.chdir(tmp_path)
+    split = _toy_split(tmp_path)
+    config = TrainConfig(image_size=32, channels=[8, 8, 8, 8], epochs=1, threads=1, pretrained_lr_factor=0.1)
+    donor = build_network(model_spec(config, ["a", "b", "c"]).member)  # another set's classes: a fresh last layer
+    torch.save(donor.state_dict(), tmp_path / "pretrained.pt")
+    config, spec, weights = _prepared(config.model_copy(update={"init_weights": tmp_path / "pretrained.pt"}), split)
+    module, trainer = _fit_network(config, spec, split, weights, (0, 1))
+    fresh, loaded = trainer.optimizers[0].param_groups
+    assert (fresh["max_lr"], loaded["max_lr"]) == (config.learning_rate, pytest.approx(config.learning_rate * 0.1))
+    assert {id(p) for p in fresh["params"]} == {id(module.net.fc.weight), id(module.net.fc.bias)}
+    assert len(loaded["params"]) == len(list(module.net.parameters())) - 2
+    _fit_network(config.model_copy(update={"init_weights": None}), spec, split, weights, (0, 1))
+    assert "pretrained_lr_factor 0.1 has no effect: no starting weights" in capsys.readouterr().out
 
 
 def test_a_lesion_map_learnt_from_masks_finds_the_lesion(tmp_path, monkeypatch):
