@@ -62,6 +62,10 @@ class IngestConfig(Section):
     duplicate_correlation: float = Field(0.97, gt=0, le=1)
     cache_dir: Path | None = None  # default: a cache/ folder beside the manifest
 
+    @property
+    def cache_root(self) -> Path:
+        return self.cache_dir or self.out.parent / "cache"
+
 
 class FeedbackConfig(Section):
     min_labels: int = Field(0, ge=0)  # fewer labelled predictions than this: export none yet

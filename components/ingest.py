@@ -155,7 +155,7 @@ def dicom_entries(root: Path, config: IngestConfig) -> list[Entry]:
             Entry(base / name, str((base / name).relative_to(root)) if root.is_dir() else name, error=problem) for name, problem in problems
         ]
         for series in series_list:
-            nifti = (config.cache_dir or config.out.parent / "cache") / "dicom" / f"{series.uid_pseudonym}.nii.gz"
+            nifti = config.cache_root / "dicom" / f"{series.uid_pseudonym}.nii.gz"
             if not nifti.exists():
                 nifti.parent.mkdir(parents=True, exist_ok=True)
                 write_nifti(series, nifti)
@@ -180,7 +180,7 @@ def volume_entries(cases: list, config: IngestConfig) -> list[Entry]:
     from components.volumes import axial_slices, load_or_prepare
 
     key = get_settings().secret_key()
-    cache_dir = (config.cache_dir or config.out.parent / "cache") / "volumes"
+    cache_dir = config.cache_root / "volumes"
     entries, volumes = [], []
     for case in track(cases, sys.stdout.isatty(), "preprocessing volumes"):
         volume_id = pseudonym(f"volume:{case.case}", key, "vol-")
@@ -362,7 +362,7 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     key = get_settings().secret_key()
     source_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     cache_name = f"ingest-{source_key}-{code_version('components.dedup')}.npz"
-    cache = PixelCache((config.cache_dir or config.out.parent / "cache") / cache_name)
+    cache = PixelCache(config.cache_root / cache_name)
     records, thumbs, quarantined = [], [], []
     for entry in track(entries, progress, f"reading {layout} images"):
         try:

@@ -57,7 +57,7 @@ def pretraining_ingest(config: PretrainConfig, ingest: IngestConfig) -> IngestCo
     return ingest.model_copy(update={
         "source": config.source, "format": "auto", "out": config.data_dir / "manifest.csv",
         "derived_dir": config.data_dir / "derived", "feedback_dir": None,
-        "cache_dir": ingest.cache_dir or ingest.out.parent / "cache",
+        "cache_dir": ingest.cache_root,
     })  # fmt: skip
 
 
