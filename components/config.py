@@ -137,6 +137,11 @@ class PretrainConfig(Section):
     augment: bool = True
     seed: int = 42
 
+    @property
+    def split_file(self) -> Path:
+        """The pretrain_set stage's split: what the pretrain stage trains on and train's co-training draws from."""
+        return self.data_dir / "split.csv"
+
 
 class TrainConfig(Section):
     split: Path = Path("data/split.csv")
@@ -169,6 +174,8 @@ class TrainConfig(Section):
     checkpoint_root: Path = Path("data/checkpoints")
     init_weights: Path | None = None  # local pretrained weights (state dict or Lightning checkpoint); none are downloaded
     pretrained_lr_factor: float = Field(1.0, gt=0, le=1)  # < 1: tensors loaded from starting weights learn at this fraction of the rate
+    cotrain_share: float = Field(0.0, ge=0, le=4)  # > 0: each epoch also draws this many pretraining images per train image
+    cotrain_split: Path | None = None  # where they are drawn from: Params.train_as_run sets the pretrain_set stage's split
     threads: int = Field(2, ge=1)
     seed: int = 42
     experiment: str = "tumorscope"
@@ -333,10 +340,11 @@ class Params(Section):
 
     @property
     def train_as_run(self) -> TrainConfig:
-        """The train section as its stage runs it: from the pretrain stage's weights when that stage pretrains."""
+        """The train section as its stage runs it: from the pretrain stage's weights when that stage pretrains, and
+        co-training (``train.cotrain_share``) on its split."""
         if self.pretrain.source is None:
             return self.train
-        return self.train.model_copy(update={"init_weights": self.pretrain.out_dir / "model.pt"})
+        return self.train.model_copy(update={"init_weights": self.pretrain.out_dir / "model.pt", "cotrain_split": self.pretrain.split_file})
 
 
 # Keys that moved to another section: a params file or preset written before the move says where they went.

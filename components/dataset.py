@@ -145,3 +145,36 @@ class SliceDataset:
             return item
         masks, has_mask = self.masks
         return *item, torch.from_numpy(masks[index].astype(np.float32)), bool(has_mask[index])
+
+
+class UnmaskedSlices(SliceDataset):
+    """Slices of a set without masks trained beside one with them (co-training): an empty mask marked absent, so
+    that the lesion map's loss leaves them out and batches keep one shape."""
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image, label = super().__getitem__(index)
+        return image, label, torch.zeros((1, *image.shape[1:])), False
+
+
+class MixedEpochs:
+    """A sampler over [own rows, extra rows]: each epoch every own row once and ``drawn`` extra rows, shuffled
+    together. The extra rows are drawn without replacement across epochs (a fresh permutation once all were drawn),
+    so that a share of a large set covers all of it over a run; the draws follow torch's seeded generator."""
+
+    def __init__(self, own: int, extra: int, drawn: int) -> None:
+        self.own, self.extra, self.drawn = own, extra, drawn if extra else 0
+        self._queue: list[int] = []
+
+    def __len__(self) -> int:
+        return self.own + self.drawn
+
+    def __iter__(self):
+        import torch
+
+        while len(self._queue) < self.drawn:
+            self._queue += (torch.randperm(self.extra) + self.own).tolist()
+        drawn, self._queue = self._queue[: self.drawn], self._queue[self.drawn :]
+        epoch = torch.tensor(list(range(self.own)) + drawn, dtype=torch.long)
+        return iter(epoch[torch.randperm(len(epoch))].tolist())

@@ -22,7 +22,7 @@ import pandas as pd
 from components.config import PretrainConfig, TrainConfig, load_params
 from components.errors import DataError
 from components.model import WEIGHTS_FILE
-from components.pretrain_set import SELECTION_FILE, SPLIT_FILE
+from components.pretrain_set import SELECTION_FILE
 
 SUMMARY_FILE = "pretrain.json"
 # What pretraining takes from the train section: the network's shape, so that its weights load (dvc.yaml lists these
@@ -41,7 +41,7 @@ def pretraining_config(config: PretrainConfig, train: TrainConfig) -> TrainConfi
     return TrainConfig(
         **taken,
         **{key: getattr(config, key) for key in FROM_PRETRAIN},
-        split=config.data_dir / SPLIT_FILE,
+        split=config.split_file,
         out_dir=config.out_dir,
         patience=config.epochs,  # one-cycle schedule: no early stop before the low learning rate
     )
@@ -55,7 +55,7 @@ def run(config: PretrainConfig, train: TrainConfig) -> dict:
     if config.source is None:
         print("pretrain.source not set: training starts from fresh weights", flush=True)
         return _summarise(config, {"pretrained": False})
-    split_file = config.data_dir / SPLIT_FILE
+    split_file = config.split_file
     if not split_file.exists():
         raise DataError(split_file, "no pretraining split: run the pretrain_set stage first")
     split = pd.read_csv(split_file)

@@ -20,7 +20,6 @@ import pandas as pd
 from components.config import IngestConfig, PretrainConfig, load_params
 from components.errors import DataError
 
-SPLIT_FILE = "split.csv"
 SELECTION_FILE = "selection.json"
 
 
@@ -82,7 +81,7 @@ def run(config: PretrainConfig, ingest: IngestConfig | None = None) -> dict:
     the pipeline's ingest section."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     if config.source is None:
-        pd.DataFrame(columns=["image_id", "label", "path", "split"]).to_csv(config.data_dir / SPLIT_FILE, index=False)
+        pd.DataFrame(columns=["image_id", "label", "path", "split"]).to_csv(config.split_file, index=False)
         return _record(config, {"images": 0})
     if not config.target.exists():
         raise DataError(config.target, "the pipeline's own manifest is missing: run the ingest stage first")
@@ -97,7 +96,7 @@ def run(config: PretrainConfig, ingest: IngestConfig | None = None) -> dict:
         f"(thumbnail correlation >= {config.copy_correlation}; the highest of the rest {closest[~copies].max():.3f})",
         flush=True,
     )
-    split_for_pretraining(kept, config).to_csv(config.data_dir / SPLIT_FILE, index=False)
+    split_for_pretraining(kept, config).to_csv(config.split_file, index=False)
     return _record(config, {
         "images": len(kept), "left_out_as_copies": int(copies.sum()),
         "highest_correlation_kept": round(float(closest[~copies].max()), 4), "classes": sorted(kept["label"].unique()),

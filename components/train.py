@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -167,35 +168,54 @@ def rank_partition(rows: pd.DataFrame, rank: int, world_size: int, shuffle: bool
     return rows.iloc[shares[rank]]
 
 
-def _loader(rows: pd.DataFrame, config: TrainConfig, classes: list[str], train: bool):
-    from torch.utils.data import DataLoader
+def _loader(rows: pd.DataFrame, config: TrainConfig, classes: list[str], train: bool, cotraining: pd.DataFrame | None = None):
+    """A part's loader. Train's with ``cotraining`` rows: each epoch every train row and ``train.cotrain_share`` × as
+    many of those (a fresh draw each epoch: components.dataset.MixedEpochs)."""
+    from torch.utils.data import ConcatDataset, DataLoader
 
-    from components.dataset import SliceDataset, prepared_images, prepared_masks
+    from components.dataset import MixedEpochs
+
+    dataset, sampler = _dataset(rows, config, classes, with_masks=config.uses_masks and train), None
+    if train and cotraining is not None and len(cotraining):
+        extra = _dataset(cotraining, config, classes, with_masks=False, blank_masks=config.uses_masks)
+        dataset = ConcatDataset([dataset, extra])
+        sampler = MixedEpochs(len(rows), len(cotraining), drawn=round(config.cotrain_share * len(rows)))
+    size = len(sampler) if sampler is not None else len(dataset)
+    return DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=train and sampler is None, sampler=sampler, num_workers=0,
+        drop_last=train and size > config.batch_size,
+    )  # fmt: skip
+
+
+def _dataset(rows: pd.DataFrame, config: TrainConfig, classes: list[str], with_masks: bool, blank_masks: bool = False):
+    from components.dataset import SliceDataset, UnmaskedSlices, prepared_images, prepared_masks
 
     index = {label: i for i, label in enumerate(classes)}
     images = prepared_images(rows, config.image_size, channels=config.in_channels)
-    masks = prepared_masks(rows, config.image_size) if config.uses_masks and train else None
-    dataset = SliceDataset(images, rows["label"].map(index).to_numpy(), masks)
-    return DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=train, num_workers=0, drop_last=train and len(dataset) > config.batch_size
-    )
+    labels = rows["label"].map(index).to_numpy()
+    if blank_masks:
+        return UnmaskedSlices(images, labels)
+    return SliceDataset(images, labels, prepared_masks(rows, config.image_size) if with_masks else None)
 
 
 def data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
-    """Train and val loaders made in ``setup``, which runs in every DDP process once its rank is known."""
+    """Train and val loaders made in ``setup``, which runs in every DDP process once its rank is known; rows of
+    split "cotrain" (``cotraining_rows``) join train's epochs."""
     import lightning as L
 
     parts = {part: split[split["split"] == part] for part in ("train", "val")}
     for part, rows in parts.items():
         if rows.empty:
             raise DataError(config.split, f"the {part} split is empty")
+    cotraining = split[split["split"] == "cotrain"]
 
     class SliceData(L.LightningDataModule):
         def setup(self, stage: str | None = None) -> None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
+            share = partial(rank_partition, rank=rank, world_size=world, seed=config.seed)
             self.loaders = {
-                part: _loader(rank_partition(rows, rank, world, part == "train", config.seed), config, classes, part == "train")
-                for part, rows in parts.items()
+                "train": _loader(share(parts["train"], shuffle=True), config, classes, True, share(cotraining, shuffle=True)),
+                "val": _loader(share(parts["val"], shuffle=False), config, classes, False),
             }
 
         def train_dataloader(self):
@@ -207,11 +227,46 @@ def data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
     return SliceData()
 
 
-def class_weights(labels: pd.Series, classes: list[str]) -> np.ndarray:
-    """scikit-learn's 'balanced' weights: rare classes count as much as common ones in the loss."""
+def cotraining_rows(config: TrainConfig, classes: list[str]) -> pd.DataFrame:
+    """The pretraining set's train images that every epoch draws from (``train.cotrain_share``), labelled in the
+    pipeline's classes: a tumour type the pipeline lacks becomes its tumour class when it has just one (LGG: every
+    Masoud tumour is a tumour); rows no class fits are left out. Pretraining teaches another set before the pipeline's
+    few dozen patients are fitted; drawn into every epoch, that set also stays in view while they are."""
+    if config.cotrain_share == 0:
+        return pd.DataFrame(columns=["image_id", "label", "path", "split"])
+    rows = pd.read_csv(config.cotrain_split) if config.cotrain_split is not None and config.cotrain_split.is_file() else pd.DataFrame()
+    rows = rows[rows["split"] == "train"] if len(rows) else pd.DataFrame(columns=["image_id", "label", "path", "split"])
+    tumour_classes = [label for label in classes if label != NO_TUMOUR]
+    only_tumour = tumour_classes[0] if len(tumour_classes) == 1 else None
+    labels = rows["label"].map(lambda label: label if label in classes else (None if label == NO_TUMOUR else only_tumour))
+    kept = rows.assign(label=labels, split="cotrain").dropna(subset=["label"])
+    if not is_global_zero():
+        return kept
+    if kept.empty:
+        print(
+            f"train.cotrain_share {config.cotrain_share} has no effect: no pretraining images fit the classes {classes} (is pretrain.source set?)",
+            flush=True,
+        )
+    else:
+        counts = ", ".join(f"{label} {count}" for label, count in kept["label"].value_counts().sort_index().items())
+        print(
+            f"co-training: each epoch also draws {config.cotrain_share} × the train images from {len(kept)} pretraining images ({counts})",
+            flush=True,
+        )
+    return kept
+
+
+def class_weights(labels: pd.Series, classes: list[str], drawn: pd.Series | None = None, share: float = 0.0) -> np.ndarray:
+    """scikit-learn's 'balanced' weights: rare classes count as much as common ones in the loss. With co-training, over
+    what an epoch holds: ``labels`` once and ``share`` × as many of ``drawn``, in their proportions."""
     from sklearn.utils.class_weight import compute_class_weight
 
-    return compute_class_weight("balanced", classes=np.asarray(classes), y=labels.to_numpy()).astype(np.float32)
+    weights = compute_class_weight("balanced", classes=np.asarray(classes), y=labels.to_numpy()).astype(np.float32)
+    if drawn is None or drawn.empty or share == 0:
+        return weights
+    counts = labels.value_counts().reindex(classes, fill_value=0)
+    counts = counts + drawn.value_counts(normalize=True).reindex(classes, fill_value=0) * share * len(labels)
+    return (counts.sum() / (len(classes) * counts)).to_numpy(np.float32)
 
 
 def where_masks_exist(config: TrainConfig, split: pd.DataFrame) -> TrainConfig:
@@ -232,9 +287,10 @@ def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
     outside the stage's outputs, which DVC deletes before a rerun. Starting weights count by content: the pretrain
     stage rewrites its file in place."""
     start = file_hash(config.init_weights) if config.init_weights is not None and config.init_weights.is_file() else None
-    identity = json.dumps(
-        {**config.model_dump(mode="json", exclude={"threads", "resume"}), "data": data_hash, "start": start}, sort_keys=True
-    )
+    identity = {**config.model_dump(mode="json", exclude={"threads", "resume"}), "data": data_hash, "start": start}
+    if _cotrains(config):  # the rows co-training draws from count by content too
+        identity["cotrain"] = file_hash(config.cotrain_split)
+    identity = json.dumps(identity, sort_keys=True)
     return config.checkpoint_root / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -430,13 +486,19 @@ def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str, resu
     return run
 
 
+def _cotrains(config: TrainConfig) -> bool:
+    return config.cotrain_share > 0 and config.cotrain_split is not None and config.cotrain_split.is_file()
+
+
 def _starting_point(config: TrainConfig) -> dict[str, str]:
-    """Which weights training started from, as run tags: their content hash and, for the pretrain stage's, its run."""
+    """Which weights training started from, as run tags: their content hash and, for the pretrain stage's, its run;
+    and the content hash of the split co-training drew from."""
+    tags = {"tumorscope.cotrain_split_hash": file_hash(config.cotrain_split)} if _cotrains(config) else {}
     if config.init_weights is None or not config.init_weights.is_file():
-        return {}
+        return tags
     from components.pretrain import SUMMARY_FILE  # written beside its weights
 
-    tags = {"tumorscope.init_weights_hash": file_hash(config.init_weights)}
+    tags["tumorscope.init_weights_hash"] = file_hash(config.init_weights)
     summary = config.init_weights.parent / SUMMARY_FILE
     if summary.is_file():
         tags["tumorscope.pretrained_run"] = json.loads(summary.read_text()).get("run_id", "")
@@ -466,15 +528,18 @@ def member_configs(config: TrainConfig) -> list[TrainConfig]:
     return [config.model_copy(update={"seed": config.seed + k, "max_minutes": minutes, "members": 1}) for k in range(config.members)]
 
 
-def _prepared(config: TrainConfig, split: pd.DataFrame) -> tuple[TrainConfig, ModelSpec, np.ndarray]:
-    """What every fit on ``split`` starts from: the config as the data allows it, the model spec, the class weights."""
+def _prepared(config: TrainConfig, split: pd.DataFrame) -> tuple[TrainConfig, ModelSpec, np.ndarray, pd.DataFrame]:
+    """What every fit on ``split`` starts from: the config as the data allows it, the model spec, the class weights,
+    and the split with the co-training rows (split "cotrain") added."""
     import torch
 
     quiet_lightning()
     torch.set_num_threads(config.threads)
     config = where_masks_exist(config, split)
     classes = sorted(split["label"].unique())
-    return config, model_spec(config, classes), class_weights(split.loc[split["split"] == "train", "label"], classes)
+    cotraining = cotraining_rows(config, classes)
+    weights = class_weights(split.loc[split["split"] == "train", "label"], classes, cotraining["label"], config.cotrain_share)
+    return config, model_spec(config, classes), weights, pd.concat([split, cotraining], ignore_index=True)
 
 
 def _fit_network(
@@ -510,7 +575,7 @@ def _fit_network(
 def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
     """Fit on ``split``'s train rows; the classifier and the last epoch's validation ROC-AUC (tumour vs none; of
     the last network of an ensemble). Nothing is logged, checkpointed or saved."""
-    config, spec, weights = _prepared(config, split)
+    config, spec, weights, split = _prepared(config, split)
     nets, auc = [], float("nan")
     for k, member in enumerate(member_configs(config)):
         module, trainer = _fit_network(member, spec.member, split, weights, (k, config.members))
@@ -573,7 +638,7 @@ def run(config: TrainConfig) -> dict:
     if not config.split.exists():
         raise DataError(config.split, "split not found: run the split stage first")
     split = pd.read_csv(config.split)
-    config, spec, weights = _prepared(config, split)
+    config, spec, weights, split = _prepared(config, split)
     data_hash = file_hash(config.split)
     checkpoints = checkpoint_folder(config, data_hash)
     run_file = checkpoints / "mlflow_run_id"

@@ -366,7 +366,7 @@ def test_tensors_from_starting_weights_learn_at_the_factor_of_the_rate(tmp_path,
     config = TrainConfig(image_size=32, channels=[8, 8, 8, 8], epochs=1, threads=1, pretrained_lr_factor=0.1)
     donor = build_network(model_spec(config, ["a", "b", "c"]).member)  # another set's classes: a fresh last layer
     torch.save(donor.state_dict(), tmp_path / "pretrained.pt")
-    config, spec, weights = _prepared(config.model_copy(update={"init_weights": tmp_path / "pretrained.pt"}), split)
+    config, spec, weights, split = _prepared(config.model_copy(update={"init_weights": tmp_path / "pretrained.pt"}), split)
     module, trainer = _fit_network(config, spec, split, weights, (0, 1))
     fresh, loaded = trainer.optimizers[0].param_groups
     assert (fresh["max_lr"], loaded["max_lr"]) == (config.learning_rate, pytest.approx(config.learning_rate * 0.1))
@@ -485,3 +485,92 @@ def test_a_killed_run_resumes_only_with_the_same_params_data_and_starting_weight
     assert checkpoint_folder(config.model_copy(update={"learning_rate": 0.01}), "d1") != checkpoint_folder(config, "d1")
     assert checkpoint_folder(config, "d2") != checkpoint_folder(config, "d1")
     assert checkpoint_folder(config.model_copy(update={"members": 2}), "d1") != checkpoint_folder(config, "d1")
+
+
+def _pretraining_split(folder: Path, labels: list[str]) -> Path:
+    """A pretraining set's split as the pretrain_set stage writes it: gray slices, its own class names."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    rows = []
+    for index, label in enumerate(labels):
+        path = folder / f"{index}.png"
+        Image.fromarray((rng.random((40, 40)) * 200).astype(np.uint8)).save(path)
+        rows.append({"image_id": f"pre{index}", "label": label, "path": str(path), "split": "val" if index % 4 == 3 else "train"})
+    pd.DataFrame(rows).to_csv(folder / "split.csv", index=False)
+    return folder / "split.csv"
+
+
+def test_cotraining_rows_take_the_pipelines_classes_and_say_when_they_cannot(tmp_path, capsys):
+    from components.train import cotraining_rows
+
+    split_file = _pretraining_split(tmp_path / "pre", ["glioma", "notumor", "pituitary", "notumor"] * 3)
+    config = TrainConfig(cotrain_share=0.5, cotrain_split=split_file)
+    binary = cotraining_rows(config, ["notumor", "tumor"])
+    assert len(binary) == 9 and set(binary["split"]) == {"cotrain"}, "train rows only"
+    assert binary["label"].value_counts().to_dict() == {"tumor": 6, "notumor": 3}, "every tumour type is the one tumour class"
+    assert (
+        "co-training: each epoch also draws 0.5 × the train images from 9 pretraining images (notumor 3, tumor 6)"
+        in capsys.readouterr().out
+    )
+    types = cotraining_rows(config, ["glioma", "meningioma", "notumor"])
+    assert types["label"].value_counts().to_dict() == {"glioma": 3, "notumor": 3}, "a type the pipeline lacks is left out"
+    assert cotraining_rows(config.model_copy(update={"cotrain_share": 0.0}), ["notumor", "tumor"]).empty
+    assert cotraining_rows(config.model_copy(update={"cotrain_split": None}), ["notumor", "tumor"]).empty
+    assert "train.cotrain_share 0.5 has no effect: no pretraining images fit" in capsys.readouterr().out
+
+
+def test_an_epoch_holds_every_own_row_once_and_fresh_draws_of_the_extra_ones():
+    import torch
+
+    from components.dataset import MixedEpochs
+
+    torch.manual_seed(0)
+    sampler = MixedEpochs(own=10, extra=25, drawn=10)
+    epochs = [list(sampler) for _ in range(5)]
+    assert all(len(epoch) == len(sampler) == 20 for epoch in epochs)
+    assert all(sorted(i for i in epoch if i < 10) == list(range(10)) for epoch in epochs)
+    drawn = [i for epoch in epochs[:2] for i in epoch if i >= 10]
+    assert len(set(drawn)) == 20 and min(drawn) >= 10 and max(drawn) < 35, "no repeat before all 25 were drawn"
+    assert set(i for epoch in epochs for i in epoch if i >= 10) == set(range(10, 35))
+    assert epochs[0] != sorted(epochs[0]), "shuffled together"
+    assert len(MixedEpochs(own=10, extra=0, drawn=10)) == 10
+
+
+def test_class_weights_balance_what_an_epoch_holds():
+    from components.train import class_weights
+
+    own = pd.Series(["notumor"] * 30 + ["tumor"] * 10)
+    assert class_weights(own, ["notumor", "tumor"]) == pytest.approx([40 / 60, 40 / 20])
+    drawn = pd.Series(["tumor"] * 3 + ["notumor"])  # drawn at 0.5 × 40: 15 tumour, 5 notumor in expectation
+    assert class_weights(own, ["notumor", "tumor"], drawn, 0.5) == pytest.approx([60 / 70, 60 / 50])
+
+
+def test_a_fit_draws_pretraining_slices_into_every_epoch_beside_masked_ones(tmp_path, monkeypatch, capsys):
+    from components.train import _fit_network, _prepared
+
+    monkeypatch.chdir(tmp_path)
+    split = _toy_split(tmp_path, n=40, masks=True)
+    split_file = _pretraining_split(tmp_path / "pre", ["meningioma", "notumor"] * 20)
+    config = TrainConfig(
+        image_size=32, in_channels=3, channels=[8, 8, 8, 8], epochs=2, batch_size=8, mask_weight=1.0, mixup=0.2,
+        threads=1, cotrain_share=1.0, cotrain_split=split_file,
+    )  # fmt: skip
+    config, spec, weights, prepared = _prepared(config, split[split["split"] != "test"])
+    assert (prepared["split"] == "cotrain").sum() == 30
+    module, trainer = _fit_network(config, spec, prepared, weights, (0, 1))
+    own = (split["split"] == "train").sum()
+    assert len(trainer.train_dataloader.sampler) == 2 * own, "each own train slice once and as many pretraining slices"
+    assert trainer.current_epoch == 2 and np.isfinite(float(trainer.callback_metrics["train_mask_loss"]))
+    assert "co-training: each epoch also draws 1.0 × the train images from 30 pretraining images" in capsys.readouterr().out
+
+
+def test_the_pretrain_stages_split_is_what_its_run_cotrains_on(tmp_path):
+    from components.config import Params
+
+    params = Params.model_validate(
+        {"pretrain": {"source": str(tmp_path), "data_dir": str(tmp_path / "pre")}, "train": {"cotrain_share": 0.5}}
+    )
+    assert params.train_as_run.cotrain_split == tmp_path / "pre" / "split.csv"
+    assert Params.model_validate({}).train_as_run.cotrain_split is None
