@@ -45,7 +45,9 @@ def main() -> None:
         names, kept, owner = [], [], []
         for path in image_files(root):
             name = pseudonym(str(path.relative_to(root)), key, "img-")
-            seen = views(read_slice(path, name=name, color=True))[: None if every_view else 1]  # a blank image matches nothing: left out
+            seen = views(read_slice(path, name=name, color=True), mirror=every_view)[
+                : None if every_view else 1
+            ]  # a blank image matches nothing: left out
             if seen:
                 kept += seen
                 owner += [len(names)] * len(seen)

@@ -2,9 +2,9 @@
 
 Weights pretrained on a copy of a test slice would carry that slice into the test through training's starting
 point. A copy is found as ingest finds near-duplicates, by the correlation of 32×32 thumbnails, here between every
-pretraining image and each sequence (and the mean) of every image in the pipeline's manifest. This catches re-saved,
-rescaled and re-windowed copies of a slice; a flipped, cropped or re-registered copy, or another slice of the same
-patient, is not caught.
+pretraining image, as it is and mirrored left-right, and each sequence (and the mean) of every image in the pipeline's
+manifest. This catches re-saved, rescaled, re-windowed and mirrored copies of a slice; a cropped, rotated or
+re-registered copy, or another slice of the same patient, is not caught.
 
 Its own stage, so that new images in the pipeline's manifest (feedback labels, a new data version) cost only this
 check: the pretrain stage depends on the split written here, which stays the same unless the selection changes.
@@ -23,14 +23,14 @@ from components.errors import DataError
 SELECTION_FILE = "selection.json"
 
 
-def thumbnails_of(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def thumbnails_of(manifest: pd.DataFrame, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Every view's thumbnail (components.dedup.views) and the manifest row it is of."""
     from components.dedup import views
     from components.imaging import read_slice
 
     kept, owner = [], []
     for row, (path, name) in enumerate(zip(manifest["path"], manifest["image_id"])):
-        seen = views(read_slice(path, name=name, color=True))
+        seen = views(read_slice(path, name=name, color=True), mirror)
         kept += seen
         owner += [row] * len(seen)
     return np.stack(kept) if kept else np.zeros((0, 1024), np.float32), np.array(owner, dtype=int)
@@ -41,7 +41,7 @@ def copies_of_target(pretraining: pd.DataFrame, target: pd.DataFrame) -> np.ndar
     from components.dedup import closest_matches
 
     target_views, _ = thumbnails_of(target)
-    own_views, owner = thumbnails_of(pretraining)
+    own_views, owner = thumbnails_of(pretraining, mirror=True)  # a mirrored copy is a copy
     best = np.full(len(pretraining), -1.0)
     if len(target_views) and len(own_views):
         per_image, _ = closest_matches(target_views, own_views, owner)

@@ -9,7 +9,7 @@ from components.ingest import run as ingest
 from components.split import check_no_leak
 from components.split import run as split
 from components.validate import run as validate
-from tests.conftest import shared_data
+from tests.conftest import bench_module, shared_data
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
 
@@ -27,6 +27,9 @@ def test_masoud_training_ingests_validates_and_splits_without_leaks(tmp_path: Pa
     assigned = split(SplitConfig(manifest=manifest, out=tmp_path / "split.csv"))
     check_no_leak(assigned)
     assert set(assigned["split"]) == {"train", "val", "test"}
+    assert not bench_module("mirrored_copies").mirrored_copies_of_test_slices(assigned).any(), (
+        "a mirrored copy of a test slice in train shows it to the network"
+    )
 
 
 def test_lgg_patients_become_a_validated_patient_grouped_split_with_demographics(tmp_path: Path):
