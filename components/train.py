@@ -214,7 +214,9 @@ def data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
             rank, world = self.trainer.global_rank, self.trainer.world_size
             share = partial(rank_partition, rank=rank, world_size=world, seed=config.seed)
             self.loaders = {
-                "train": _loader(share(parts["train"], shuffle=True), config, classes, True, share(cotraining, shuffle=True)),
+                "train": _loader(
+                    share(parts["train"], shuffle=True), config, classes, True, share(cotraining, shuffle=True) if len(cotraining) else None
+                ),
                 "val": _loader(share(parts["val"], shuffle=False), config, classes, False),
             }
 
