@@ -175,7 +175,9 @@ class TrainConfig(Section):
     init_weights: Path | None = None  # local pretrained weights (state dict or Lightning checkpoint); none are downloaded
     pretrained_lr_factor: float = Field(1.0, gt=0, le=1)  # < 1: tensors loaded from starting weights learn at this fraction of the rate
     cotrain_share: float = Field(0.0, ge=0, le=4)  # > 0: each epoch also draws this many pretraining images per train image
-    cotrain_split: Path | None = None  # where they are drawn from: Params.train_as_run sets the pretrain_set stage's split
+    cotrain_split: Path | None = (
+        None  # where they are drawn from: Params.train_as_run sets the pretrain_set stage's (not settable in params.yaml)
+    )
     threads: int = Field(2, ge=1)
     seed: int = 42
     experiment: str = "tumorscope"
@@ -335,6 +337,11 @@ class Params(Section):
             raise ValueError(
                 f"pretrain.source and train.init_weights both name where training starts: set one "
                 f"(pretrain.source pretrains on {self.pretrain.source}; train.init_weights loads {self.train.init_weights})"
+            )
+        if self.train.cotrain_split is not None:  # a split by hand would skip pretrain_set's copy check and DVC's tracking
+            raise ValueError(
+                "train.cotrain_split is the pretrain_set stage's split, set when the stage runs: set pretrain.source instead "
+                "(its images are checked for copies of the pipeline's own)"
             )
         return self
 

@@ -34,7 +34,8 @@ def mirrored(thumbnails: np.ndarray) -> np.ndarray:
     """The thumbnails of the left-right mirrored images: each thumbnail's columns reversed (the resize is symmetric,
     so mirroring commutes with it)."""
     n = len(thumbnails)
-    return thumbnails.reshape(n, THUMBNAIL, THUMBNAIL, -1)[:, :, ::-1].reshape(n, -1)
+    channels = thumbnails.shape[1] // THUMBNAIL**2
+    return thumbnails.reshape(n, THUMBNAIL, THUMBNAIL, channels)[:, :, ::-1].reshape(thumbnails.shape)
 
 
 def duplicate_groups(

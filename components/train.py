@@ -231,17 +231,22 @@ def data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):
 
 def cotraining_rows(config: TrainConfig, classes: list[str]) -> pd.DataFrame:
     """The pretraining set's train images that every epoch draws from (``train.cotrain_share``), labelled in the
-    pipeline's classes: a tumour type the pipeline lacks becomes its tumour class when it has just one (LGG: every
-    Masoud tumour is a tumour); rows no class fits are left out. Pretraining teaches another set before the pipeline's
-    few dozen patients are fitted; drawn into every epoch, that set also stays in view while they are."""
+    pipeline's classes: a known tumour type the pipeline lacks (glioma, meningioma, pituitary) becomes its tumour class
+    when it has just one (LGG: every Masoud tumour is a tumour); any other label (another set's spelling of "no
+    tumour" among them) is left out and named. Pretraining teaches another set before the pipeline's few dozen patients
+    are fitted; drawn into every epoch, that set also stays in view while they are."""
+    columns = ["image_id", "label", "path", "split"]
     if config.cotrain_share == 0:
-        return pd.DataFrame(columns=["image_id", "label", "path", "split"])
+        return pd.DataFrame(columns=columns)
     rows = pd.read_csv(config.cotrain_split) if config.cotrain_split is not None and config.cotrain_split.is_file() else pd.DataFrame()
-    rows = rows[rows["split"] == "train"] if len(rows) else pd.DataFrame(columns=["image_id", "label", "path", "split"])
+    rows = rows[rows["split"] == "train"] if len(rows) else pd.DataFrame(columns=columns)
     tumour_classes = [label for label in classes if label != NO_TUMOUR]
     only_tumour = tumour_classes[0] if len(tumour_classes) == 1 else None
-    labels = rows["label"].map(lambda label: label if label in classes else (None if label == NO_TUMOUR else only_tumour))
+    labels = rows["label"].map(lambda label: label if label in classes else (only_tumour if label in TUMOUR_TYPES else None))
     kept = rows.assign(label=labels, split="cotrain").dropna(subset=["label"])
+    left_out = sorted(set(rows["label"]) - set(rows.loc[labels.notna(), "label"]))
+    if left_out and is_global_zero():
+        print(f"co-training leaves out the pretraining labels {left_out}: none of the classes {classes}", flush=True)
     if not is_global_zero():
         return kept
     if kept.empty:
@@ -281,6 +286,7 @@ def where_masks_exist(config: TrainConfig, split: pd.DataFrame) -> TrainConfig:
     return config.model_copy(update={"mask_weight": 0.0})
 
 
+TUMOUR_TYPES = {"tumor", "glioma", "meningioma", "pituitary"}  # labels co-training may read as the pipeline's one tumour class
 FINISHED = "finished.pt"  # in a network's checkpoint folder: its best weights, once its training ended
 
 

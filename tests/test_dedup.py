@@ -1,6 +1,6 @@
 import numpy as np
 
-from components.dedup import duplicate_groups, thumbnail
+from components.dedup import THUMBNAIL, duplicate_groups, thumbnail
 
 
 def test_copies_and_rescaled_copies_group_but_distinct_images_do_not():
@@ -59,6 +59,7 @@ def test_a_mirrored_copy_joins_its_original_but_a_mirror_symmetric_stranger_does
     groups = duplicate_groups(thumbnails, 0.97)
     assert groups[0] == groups[1] != groups[2]
     assert len(set(duplicate_groups(thumbnails, 0.97, mirror_correlation=None))) == 3, "without the mirror it is another image"
+    assert len(duplicate_groups(np.zeros((0, THUMBNAIL**2), np.float32), 0.97)) == 0
 
 
 def test_a_mirrored_look_alike_needs_a_copys_correlation():

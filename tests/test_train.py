@@ -505,17 +505,17 @@ def _pretraining_split(folder: Path, labels: list[str]) -> Path:
 def test_cotraining_rows_take_the_pipelines_classes_and_say_when_they_cannot(tmp_path, capsys):
     from components.train import cotraining_rows
 
-    split_file = _pretraining_split(tmp_path / "pre", ["glioma", "notumor", "pituitary", "notumor"] * 3)
+    split_file = _pretraining_split(tmp_path / "pre", ["glioma", "notumor", "pituitary", "notumor", "no_tumor"] * 3)
     config = TrainConfig(cotrain_share=0.5, cotrain_split=split_file)
     binary = cotraining_rows(config, ["notumor", "tumor"])
-    assert len(binary) == 9 and set(binary["split"]) == {"cotrain"}, "train rows only"
-    assert binary["label"].value_counts().to_dict() == {"tumor": 6, "notumor": 3}, "every tumour type is the one tumour class"
+    assert len(binary) == 9 and set(binary["split"]) == {"cotrain"}, "train rows only, and not another spelling of no tumour"
+    assert binary["label"].value_counts().to_dict() == {"tumor": 5, "notumor": 4}, "every tumour type is the one tumour class"
     assert (
-        "co-training: each epoch also draws 0.5 × the train images from 9 pretraining images (notumor 3, tumor 6)"
+        "co-training: each epoch also draws 0.5 × the train images from 9 pretraining images (notumor 4, tumor 5)"
         in capsys.readouterr().out
     )
     types = cotraining_rows(config, ["glioma", "meningioma", "notumor"])
-    assert types["label"].value_counts().to_dict() == {"glioma": 3, "notumor": 3}, "a type the pipeline lacks is left out"
+    assert types["label"].value_counts().to_dict() == {"notumor": 4, "glioma": 3}, "a type the pipeline lacks is left out"
     assert cotraining_rows(config.model_copy(update={"cotrain_share": 0.0}), ["notumor", "tumor"]).empty
     assert cotraining_rows(config.model_copy(update={"cotrain_split": None}), ["notumor", "tumor"]).empty
     assert "train.cotrain_share 0.5 has no effect: no pretraining images fit" in capsys.readouterr().out
@@ -561,7 +561,9 @@ def test_a_fit_draws_pretraining_slices_into_every_epoch_beside_masked_ones(tmp_
     assert (prepared["split"] == "cotrain").sum() == 30
     module, trainer = _fit_network(config, spec, prepared, weights, (0, 1))
     own = (split["split"] == "train").sum()
-    assert len(trainer.train_dataloader.sampler) == 2 * own, "each own train slice once and as many pretraining slices"
+    loader = trainer.train_dataloader
+    assert len(loader.sampler) == 2 * own, "each own train slice once and as many pretraining slices"
+    assert loader.dataset[0][3] and not loader.dataset[own][3], "a pretraining slice's (blank) mask is marked absent"
     assert trainer.current_epoch == 2 and np.isfinite(float(trainer.callback_metrics["train_mask_loss"]))
     assert "co-training: each epoch also draws 1.0 × the train images from 30 pretraining images" in capsys.readouterr().out
 
@@ -574,3 +576,5 @@ def test_the_pretrain_stages_split_is_what_its_run_cotrains_on(tmp_path):
     )
     assert params.train_as_run.cotrain_split == tmp_path / "pre" / "split.csv"
     assert Params.model_validate({}).train_as_run.cotrain_split is None
+    with pytest.raises(ValueError, match="train.cotrain_split is the pretrain_set stage's split"):
+        Params.model_validate({"train": {"cotrain_share": 0.5, "cotrain_split": str(tmp_path / "mine.csv")}})
