@@ -16,6 +16,8 @@ from components.errors import TumorScopeError
 
 PARAMS_FILE = Path("params.yaml")
 NO_TUMOUR = "notumor"
+TUMOUR = "tumor"  # the one tumour class of a tumour-or-not set (LGG)
+TUMOUR_TYPES = ("glioma", "meningioma", "pituitary")  # the types that class-folder sets (Masoud) name
 
 
 class Section(BaseModel):

@@ -50,11 +50,10 @@ def duplicate_groups(
     flipped = mirrored(thumbnails) if mirror_correlation is not None else None
     rows, cols = [np.zeros(0, dtype=int)], [np.zeros(0, dtype=int)]
     for start in range(0, n, block):
-        similarity = thumbnails[start : start + block] @ thumbnails.T
+        linked = thumbnails[start : start + block] @ thumbnails.T >= min_correlation
         if flipped is not None:  # a · mirror(b) = mirror(a) · b: the graph stays undirected
-            mirror_similarity = thumbnails[start : start + block] @ flipped.T
-            similarity = np.where(mirror_similarity >= mirror_correlation, np.maximum(similarity, min_correlation), similarity)
-        i, j = np.nonzero(similarity >= min_correlation)
+            linked |= thumbnails[start : start + block] @ flipped.T >= mirror_correlation
+        i, j = np.nonzero(linked)
         keep = i + start < j
         rows.append(i[keep] + start)
         cols.append(j[keep])

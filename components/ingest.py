@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.config import NO_TUMOUR, IngestConfig, load_params
+from components.config import NO_TUMOUR, TUMOUR, TUMOUR_TYPES, IngestConfig, load_params
 from components.dedup import duplicate_groups, thumbnail
 from components.errors import DataError
 from components.imaging import IMAGE_SUFFIXES, code_version, file_signature, list_images, portable_path, read_slice, slice_stats
@@ -38,8 +38,7 @@ NOT_A_CLASS = {"masks", "mask", "volumes"}
 METADATA_COLUMNS = ("age", "sex", "site", "lesion_mm")
 LGG_CLINICAL = "data.csv"
 LGG_SLICE_NUMBER = re.compile(r"_(\d+)$")  # <study>_<n>
-TUMOUR = "tumor"
-DICOM_CLASS_FOLDERS = {NO_TUMOUR, TUMOUR, "glioma", "meningioma", "pituitary"}
+DICOM_CLASS_FOLDERS = {NO_TUMOUR, TUMOUR, *TUMOUR_TYPES}
 CONSTANT_STD = 1e-6
 
 

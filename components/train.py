@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from components.config import NO_TUMOUR, CalibrateConfig, TrainConfig, load_params
+from components.config import NO_TUMOUR, TUMOUR, TUMOUR_TYPES, CalibrateConfig, TrainConfig, load_params
 from components.errors import DataError, TumorScopeError
 from components.model import Classifier, ModelSpec, build_network, one_network
 from components.settings import get_settings, use_experiment
@@ -176,7 +176,7 @@ def _loader(rows: pd.DataFrame, config: TrainConfig, classes: list[str], train: 
     from components.dataset import MixedEpochs
 
     dataset, sampler = _dataset(rows, config, classes, with_masks=config.uses_masks and train), None
-    if train and cotraining is not None and len(cotraining):
+    if cotraining is not None:  # train's, and only when there are any (data_module)
         extra = _dataset(cotraining, config, classes, with_masks=False, blank_masks=config.uses_masks)
         dataset = ConcatDataset([dataset, extra])
         sampler = MixedEpochs(len(rows), len(cotraining), drawn=round(config.cotrain_share * len(rows)))
@@ -235,32 +235,32 @@ def cotraining_rows(config: TrainConfig, classes: list[str]) -> pd.DataFrame:
     when it has just one (LGG: every Masoud tumour is a tumour); any other label (another set's spelling of "no
     tumour" among them) is left out and named. Pretraining teaches another set before the pipeline's few dozen patients
     are fitted; drawn into every epoch, that set also stays in view while they are."""
-    columns = ["image_id", "label", "path", "split"]
-    if config.cotrain_share == 0:
-        return pd.DataFrame(columns=columns)
-    rows = pd.read_csv(config.cotrain_split) if config.cotrain_split is not None and config.cotrain_split.is_file() else pd.DataFrame()
-    rows = rows[rows["split"] == "train"] if len(rows) else pd.DataFrame(columns=columns)
+    rows = pd.read_csv(config.cotrain_split) if _cotrains(config) else pd.DataFrame(columns=["image_id", "label", "path", "split"])
+    rows = rows[rows["split"] == "train"]
     tumour_classes = [label for label in classes if label != NO_TUMOUR]
     only_tumour = tumour_classes[0] if len(tumour_classes) == 1 else None
-    labels = rows["label"].map(lambda label: label if label in classes else (only_tumour if label in TUMOUR_TYPES else None))
+    known_types = {TUMOUR, *TUMOUR_TYPES}
+    labels = rows["label"].map(lambda label: label if label in classes else (only_tumour if label in known_types else None))
     kept = rows.assign(label=labels, split="cotrain").dropna(subset=["label"])
-    left_out = sorted(set(rows["label"]) - set(rows.loc[labels.notna(), "label"]))
-    if left_out and is_global_zero():
+    if config.cotrain_share > 0 and is_global_zero():
+        _say_cotraining(config, classes, kept, left_out=sorted(set(rows["label"]) - set(rows.loc[labels.notna(), "label"])))
+    return kept
+
+
+def _say_cotraining(config: TrainConfig, classes: list[str], kept: pd.DataFrame, left_out: list[str]) -> None:
+    if left_out:
         print(f"co-training leaves out the pretraining labels {left_out}: none of the classes {classes}", flush=True)
-    if not is_global_zero():
-        return kept
     if kept.empty:
         print(
             f"train.cotrain_share {config.cotrain_share} has no effect: no pretraining images fit the classes {classes} (is pretrain.source set?)",
             flush=True,
         )
-    else:
-        counts = ", ".join(f"{label} {count}" for label, count in kept["label"].value_counts().sort_index().items())
-        print(
-            f"co-training: each epoch also draws {config.cotrain_share} × the train images from {len(kept)} pretraining images ({counts})",
-            flush=True,
-        )
-    return kept
+        return
+    counts = ", ".join(f"{label} {count}" for label, count in kept["label"].value_counts().sort_index().items())
+    print(
+        f"co-training: each epoch also draws {config.cotrain_share} × the train images from {len(kept)} pretraining images ({counts})",
+        flush=True,
+    )
 
 
 def class_weights(labels: pd.Series, classes: list[str], drawn: pd.Series | None = None, share: float = 0.0) -> np.ndarray:
@@ -286,7 +286,6 @@ def where_masks_exist(config: TrainConfig, split: pd.DataFrame) -> TrainConfig:
     return config.model_copy(update={"mask_weight": 0.0})
 
 
-TUMOUR_TYPES = {"tumor", "glioma", "meningioma", "pituitary"}  # labels co-training may read as the pipeline's one tumour class
 FINISHED = "finished.pt"  # in a network's checkpoint folder: its best weights, once its training ended
 
 
@@ -295,11 +294,9 @@ def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
     outside the stage's outputs, which DVC deletes before a rerun. Starting weights count by content: the pretrain
     stage rewrites its file in place."""
     start = file_hash(config.init_weights) if config.init_weights is not None and config.init_weights.is_file() else None
-    identity = {**config.model_dump(mode="json", exclude={"threads", "resume"}), "data": data_hash, "start": start}
-    if _cotrains(config):  # the rows co-training draws from count by content too
-        identity["cotrain"] = file_hash(config.cotrain_split)
-    identity = json.dumps(identity, sort_keys=True)
-    return config.checkpoint_root / hashlib.sha256(identity.encode()).hexdigest()[:16]
+    cotrain = file_hash(config.cotrain_split) if _cotrains(config) else None  # the rows co-training draws from, by content
+    identity = {**config.model_dump(mode="json", exclude={"threads", "resume"}), "data": data_hash, "start": start, "cotrain": cotrain}
+    return config.checkpoint_root / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class LoadedWeights(NamedTuple):
@@ -490,7 +487,7 @@ def _start_mlflow_run(config: TrainConfig, spec: ModelSpec, data_hash: str, resu
         "effective_learning_rate": config.effective_learning_rate,
     }
     mlflow.log_params({**params, **effective, "classes": ",".join(spec.classes), "data_hash": data_hash})
-    mlflow.set_tags(_starting_point(config))
+    mlflow.set_tags(_provenance_tags(config))
     return run
 
 
@@ -498,7 +495,7 @@ def _cotrains(config: TrainConfig) -> bool:
     return config.cotrain_share > 0 and config.cotrain_split is not None and config.cotrain_split.is_file()
 
 
-def _starting_point(config: TrainConfig) -> dict[str, str]:
+def _provenance_tags(config: TrainConfig) -> dict[str, str]:
     """Which weights training started from, as run tags: their content hash and, for the pretrain stage's, its run;
     and the content hash of the split co-training drew from."""
     tags = {"tumorscope.cotrain_split_hash": file_hash(config.cotrain_split)} if _cotrains(config) else {}
