@@ -79,7 +79,7 @@ def _print_summary(summary: dict, root: Path) -> None:
 
 
 # Real slice sets need the looser near-duplicate threshold: on masoud-224, 0.97 groups 2,546 images into
-# near-duplicate groups and 0.98 only 1,863 (neighbouring slices correlate 0.97-0.98). The synthetic default
+# near-duplicate groups and 0.98 only 1,863 (before mirrored copies counted; neighbouring slices correlate 0.97-0.98). The synthetic default
 # (0.98 in params.yaml) is stricter because its subjects share one anatomy template.
 REAL_DATA_DUPLICATE_CORRELATION = 0.97
 
