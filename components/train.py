@@ -138,10 +138,49 @@ def one_cycle(module, learning_rate: float, weight_decay: float, slower: frozens
 
     groups = rate_groups(module.named_parameters(), learning_rate, slower, factor)
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[group["lr"] for group in groups], total_steps=module.trainer.estimated_stepping_batches
-    )
+    schedule = budgeted_one_cycle(optimizer, [group["lr"] for group in groups], module.trainer.estimated_stepping_batches)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def budgeted_one_cycle(optimizer, max_lrs: list[float], total_steps: int):
+    """torch's one-cycle schedule, placed at the further of the steps taken and the share of ``max_minutes`` spent
+    (``time_share``, set by ``TimeBudget``). Epochs sized for one machine then still anneal on a slower one before
+    the time cap stops training, instead of shipping weights from a high learning rate. With no time cap
+    ``time_share`` stays 0: torch's schedule exactly."""
+    import torch
+
+    class BudgetedOneCycle(torch.optim.lr_scheduler.OneCycleLR):
+        time_share = 0.0
+
+        def get_lr(self) -> list[float]:
+            steps = self.last_epoch
+            self.last_epoch = max(steps, min(self.time_share, 1.0) * (self.total_steps - 1))
+            try:
+                return super().get_lr()
+            finally:
+                self.last_epoch = steps
+
+    return BudgetedOneCycle(optimizer, max_lr=max_lrs, total_steps=total_steps)
+
+
+def time_budget(config: TrainConfig) -> list:
+    """With ``max_minutes``: the callback that tells the schedule what share of it training has spent (Lightning's
+    Timer, which also survives a resume), rank 0's share on every rank, so that DDP's ranks keep one learning rate."""
+    if not config.max_minutes:
+        return []
+    from lightning.pytorch.callbacks import Callback, Timer
+
+    seconds = config.max_minutes * 60
+
+    class TimeBudget(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            timer = next(callback for callback in trainer.callbacks if isinstance(callback, Timer))
+            share = trainer.strategy.broadcast(timer.time_elapsed("train") / seconds)
+            for scheduler in trainer.lr_scheduler_configs:
+                if hasattr(scheduler.scheduler, "time_share"):
+                    scheduler.scheduler.time_share = share
+
+    return [TimeBudget()]
 
 
 def rate_groups(named_parameters, learning_rate: float, slower: frozenset[str], factor: float) -> list[dict]:
@@ -401,7 +440,7 @@ def _trainer(config: TrainConfig, logger, checkpoints: Path | None):
         use_distributed_sampler=False,  # the data module hands each rank its own partition
         logger=logger,
         enable_checkpointing=stage,
-        callbacks=[*checkpointing, *weight_averaging(config)],
+        callbacks=[*checkpointing, *weight_averaging(config), *time_budget(config)],
         enable_progress_bar=stage and sys.stdout.isatty(),  # a fold's bar would break up the epoch lines
         enable_model_summary=False,
         log_every_n_steps=50,  # metrics are per epoch; logging at every step slowed training (bench/train_throughput.py)
@@ -449,7 +488,8 @@ def quiet_lightning() -> None:
 
 def _budget(config: TrainConfig) -> dict:
     """The Trainer settings every fit shares: epochs, the time cap and the numeric precision. No stop, early or
-    by the time cap, before half the epochs: the one-cycle learning rate is still high until then."""
+    by the time cap, before half the epochs: a network stopped then has seen too little (and an early stop would
+    come while the one-cycle learning rate is still high)."""
     time_cap = {"minutes": config.max_minutes} if config.max_minutes else None
     return {
         "max_epochs": config.epochs, "min_epochs": max(1, config.epochs // 2), "max_time": time_cap, "precision": trainer_precision(config),
@@ -590,8 +630,9 @@ def _fit(config: TrainConfig, split: pd.DataFrame) -> tuple[Classifier, float]:
 
 
 def _say_if_cut_short(trainer, label: str) -> None:
-    """``max_minutes`` stopping training before its last step leaves the one-cycle learning rate high: the weights
-    that ship are not the annealed ones the schedule aims at, a silent loss unless the run's output says so."""
+    """``max_minutes`` stopping training before its last epoch: the learning rate followed the time budget down
+    (``budgeted_one_cycle``), but the network saw fewer epochs than asked for, a silent change unless the run's
+    output says so."""
     from lightning.pytorch.callbacks import Timer
 
     timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
@@ -608,7 +649,8 @@ def _say_if_cut_short(trainer, label: str) -> None:
         share = " (this network's share of it)" if label else ""
         print(
             f"{label}max_minutes{share} stopped training at step {trainer.global_step} of {trainer.estimated_stepping_batches} "
-            f"(epoch {trainer.current_epoch} of {trainer.max_epochs}), before the learning rate annealed: lower the epochs or raise max_minutes",
+            f"(epoch {trainer.current_epoch} of {trainer.max_epochs}); the learning rate annealed within the time: "
+            "fewer epochs fit this machine",
             flush=True,
         )
 

@@ -111,6 +111,31 @@ def test_loaded_parameters_learn_at_their_own_rate():
     assert [g["lr"] for g in rate_groups(net.named_parameters(), 3e-3, loaded, 1.0)] == [3e-3], "factor 1: one group"
 
 
+def _one_cycle_rates(time_shares: list[float], budgeted: bool = True) -> list[float]:
+    import torch
+
+    from components.train import budgeted_one_cycle
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    schedule = budgeted_one_cycle(optimizer, [1e-2], 10) if budgeted else torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-2, 10)
+    rates = []
+    for share in time_shares:
+        schedule.time_share = share
+        optimizer.step()
+        schedule.step()
+        rates.append(schedule.get_last_lr()[0])
+    return rates
+
+
+def test_the_one_cycle_schedule_goes_by_the_time_budget_when_time_runs_out_first():
+    torch_one_cycle = _one_cycle_rates([0.0] * 9, budgeted=False)
+    assert _one_cycle_rates([0.0] * 9) == torch_one_cycle, "no time spent: torch's schedule exactly"
+    assert _one_cycle_rates([0.0] * 4 + [1.0] * 5)[4:] == pytest.approx([1e-2 / 25 / 1e4] * 5), "budget spent: annealed"
+    halfway = _one_cycle_rates([0.5] * 9)
+    assert halfway[:4] == pytest.approx([torch_one_cycle[3] + (torch_one_cycle[4] - torch_one_cycle[3]) / 2] * 4, rel=0.05)
+    assert halfway[4:] == torch_one_cycle[4:], "the steps further along than the time: the steps lead"
+
+
 def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path, str]:
     """A workspace trained until a line starting with ``kill_at`` (a checkpoint is on disk then, and the kill comes
     at once, with epochs left to train whatever the machine's speed), then trained again: the workspace and the
@@ -336,6 +361,19 @@ def test_a_time_cap_that_stops_training_before_its_last_epoch_is_reported(tmp_pa
         assert f"member {member}/2: max_minutes (this network's share of it) stopped training at step 2 of 4 (epoch 2 of 4)" in output
     fit_classifier(config.model_copy(update={"max_minutes": 30, "epochs": 1, "members": 1}), split[split["split"] != "test"])
     assert "stopped training" not in capsys.readouterr().out
+
+
+def test_a_time_cap_anneals_the_learning_rate_before_it_stops_training(tmp_path, monkeypatch):
+    from components.train import _fit_network, _prepared
+
+    monkeypatch.chdir(tmp_path)
+    split = _toy_split(tmp_path)
+    config = TrainConfig(image_size=32, channels=[8, 8, 8, 8], epochs=6, max_minutes=0.0002, threads=1)
+    config, spec, weights, rows = _prepared(config, split[split["split"] != "test"])
+    _, trainer = _fit_network(config, spec.member, rows, weights, (0, 1))
+    assert trainer.current_epoch == 3, "the cap stops training after half the epochs"
+    assert trainer.global_step < trainer.estimated_stepping_batches
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == pytest.approx([config.learning_rate / 25 / 1e4])
 
 
 def test_cross_validation_and_tuning_folds_start_from_the_initial_weights_too(tmp_path, monkeypatch, capsys):
