@@ -3,8 +3,8 @@
 Public slice sets hold mirrored copies (Masoud's: about a thousand). Until ingestion grouped an image with its mirrored
 copies, the split could put one in test and the other in train, where training's own flips show the network the
 test slice. This ingests a folder as `tumorscope run --data` does, splits it as the split stage does, once with the
-grouping before mirrored copies counted and once as it is, and counts the test slices with a copy (thumbnail
-correlation >= components.dedup.MIRRORED_COPY once mirrored) in train or val.
+grouping before mirrored copies counted (`ingest.mirror_correlation: null`) and once as it is, and counts the test slices with a copy (thumbnail
+correlation >= components.config.MIRRORED_COPY once mirrored) in train or val.
 
     .venv/bin/python bench/mirrored_copies.py --data ../shared/data/masoud-224/Training
 """
@@ -12,7 +12,6 @@ correlation >= components.dedup.MIRRORED_COPY once mirrored) in train or val.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -25,21 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def split_with(data: Path, workspace: Path, mirror_correlation: float | None) -> pd.DataFrame:
     """The split stage's assignment of ``data``, grouped with mirrored copies at ``mirror_correlation`` (None: not)."""
-    from components import dedup, ingest
+    from components import ingest
     from components.cli import REAL_DATA_DUPLICATE_CORRELATION
     from components.config import IngestConfig, SplitConfig
     from components.split import assign
 
-    grouping = functools.partial(dedup.duplicate_groups, mirror_correlation=mirror_correlation)
     config = IngestConfig(
         source=data, out=workspace / "manifest.csv", derived_dir=workspace / "derived", feedback_dir=None,
-        duplicate_correlation=REAL_DATA_DUPLICATE_CORRELATION, cache_dir=workspace / "cache",
+        duplicate_correlation=REAL_DATA_DUPLICATE_CORRELATION, mirror_correlation=mirror_correlation, cache_dir=workspace / "cache",
     )  # fmt: skip
-    original, ingest.duplicate_groups = ingest.duplicate_groups, grouping
-    try:
-        ingest.run(config)
-    finally:
-        ingest.duplicate_groups = original
+    ingest.run(config)
     return assign(pd.read_csv(config.out), SplitConfig())
 
 

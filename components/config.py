@@ -18,6 +18,11 @@ PARAMS_FILE = Path("params.yaml")
 NO_TUMOUR = "notumor"
 TUMOUR = "tumor"  # the one tumour class of a tumour-or-not set (LGG)
 TUMOUR_TYPES = ("glioma", "meningioma", "pituitary")  # the types that class-folder sets (Masoud) name
+# Ingest's default bar for a mirrored copy (components/dedup.py), above its bar for images as they are: a brain is
+# nearly symmetric, so one patient's neighbouring slices, or the featureless top slices of two patients, also look
+# alike mirrored, and at 0.97 such pairs chained LGG's 40 patients into 22 groups, one of 755 slices. Masoud's mirrored
+# copies correlate ≥ 0.995 (3,006 pairs); LGG has no pair at 0.99.
+MIRRORED_COPY = 0.99
 
 
 class Section(BaseModel):
@@ -62,6 +67,7 @@ class IngestConfig(Section):
     feedback_dir: Path | None = None  # clinician-labelled served slices (the feedback stage's output); training only
     volume: VolumeConfig = VolumeConfig()
     duplicate_correlation: float = Field(0.97, gt=0, le=1)
+    mirror_correlation: float | None = Field(MIRRORED_COPY, gt=0, le=1)  # a left-right mirrored copy joins at this; None: not sought
     cache_dir: Path | None = None  # default: a cache/ folder beside the manifest
 
     @property

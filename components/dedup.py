@@ -14,12 +14,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage.transform import resize
 
+from components.config import MIRRORED_COPY
+
 THUMBNAIL = 32
-# A mirrored image joins another at this correlation, not at the threshold for images as they are: a brain is nearly
-# symmetric, so one patient's neighbouring slices, or the featureless top slices of two patients, also look alike
-# mirrored, and at 0.97 such pairs chained LGG's 40 patients into 22 groups, one of 755 slices. Masoud's mirrored copies
-# correlate ≥ 0.995 (3,006 pairs); LGG has no pair at 0.99.
-MIRRORED_COPY = 0.99
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:

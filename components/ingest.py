@@ -375,7 +375,8 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     if not records:
         raise DataError(root, "no readable images")
     manifest = pd.DataFrame(records)
-    manifest["duplicate_group"] = [f"dup-{g}" for g in duplicate_groups(np.stack(thumbs), config.duplicate_correlation)]
+    groups = duplicate_groups(np.stack(thumbs), config.duplicate_correlation, mirror_correlation=config.mirror_correlation)
+    manifest["duplicate_group"] = [f"dup-{g}" for g in groups]
     quarantine = pd.DataFrame(quarantined, columns=["image_id", "file", "problem"])
     config.out.parent.mkdir(parents=True, exist_ok=True)
     config.derived_dir.mkdir(parents=True, exist_ok=True)  # a DVC output, empty for sources of 2D images

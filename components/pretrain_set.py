@@ -5,7 +5,7 @@ point. A copy is found as ingest finds near-duplicates, by the correlation of 32
 pretraining image, as it is and mirrored left-right, and each sequence (and the mean) of every image in the pipeline's
 manifest. This catches re-saved, rescaled, re-windowed and mirrored copies of a slice; a cropped, rotated or
 re-registered copy, or another slice of the same patient, is not caught. Mirrored images count as copies at the same
-threshold, lower than ingest's bar for grouping them (components.dedup.MIRRORED_COPY): leaving a look-alike out of
+threshold, lower than ingest's bar for grouping them (`ingest.mirror_correlation`): leaving a look-alike out of
 pretraining costs one image, letting a copy in leaks a test slice.
 
 Its own stage, so that new images in the pipeline's manifest (feedback labels, a new data version) cost only this

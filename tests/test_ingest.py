@@ -113,6 +113,17 @@ def test_a_rerun_reads_only_new_or_changed_files(tiny_cohort: Path, tmp_path: Pa
     assert len(second.manifest) == len(first) - 1 and len(second.quarantined) == 1
 
 
+def test_a_mirrored_copy_joins_its_original_unless_mirror_correlation_is_off(tmp_path: Path):
+    root = tmp_path / "data"
+    for i, label in enumerate(["glioma", "notumor"]):
+        _slice(root / label / f"s{i}.png", i)
+    Image.open(root / "glioma" / "s0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / "glioma" / "mirrored.png")
+    grouped = run(IngestConfig(source=root, out=tmp_path / "m.csv")).manifest
+    assert grouped["duplicate_group"].nunique() == 2
+    apart = run(IngestConfig(source=root, out=tmp_path / "m.csv", mirror_correlation=None)).manifest
+    assert apart["duplicate_group"].nunique() == 3
+
+
 def test_numeric_subject_ids_keep_a_subjects_images_together(tmp_path: Path):
     root = tmp_path / "data"
     for i, label in enumerate(["tumor", "tumor", "notumor"]):
