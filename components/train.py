@@ -20,7 +20,7 @@ import sys
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -214,9 +214,9 @@ def _loader(rows: pd.DataFrame, config: TrainConfig, classes: list[str], train: 
 
     from components.dataset import MixedEpochs
 
-    dataset, sampler = _dataset(rows, config, classes, with_masks=config.uses_masks and train), None
+    dataset, sampler = _dataset(rows, config, classes, "read" if config.uses_masks and train else "none"), None
     if cotraining is not None:  # train's, and only when there are any (data_module)
-        extra = _dataset(cotraining, config, classes, with_masks=False, blank_masks=config.uses_masks)
+        extra = _dataset(cotraining, config, classes, "absent" if config.uses_masks else "none")
         dataset = ConcatDataset([dataset, extra])
         sampler = MixedEpochs(len(rows), len(cotraining), drawn=round(config.cotrain_share * len(rows)))
     size = len(sampler) if sampler is not None else len(dataset)
@@ -226,15 +226,17 @@ def _loader(rows: pd.DataFrame, config: TrainConfig, classes: list[str], train: 
     )  # fmt: skip
 
 
-def _dataset(rows: pd.DataFrame, config: TrainConfig, classes: list[str], with_masks: bool, blank_masks: bool = False):
+def _dataset(rows: pd.DataFrame, config: TrainConfig, classes: list[str], masks: Literal["read", "absent", "none"]):
+    """``masks``: read from the rows' mask files; marked absent, so that slices of a set without masks can share
+    batches with masked ones (co-training: the lesion map's loss leaves them out); or none in the batches at all."""
     from components.dataset import SliceDataset, UnmaskedSlices, prepared_images, prepared_masks
 
     index = {label: i for i, label in enumerate(classes)}
     images = prepared_images(rows, config.image_size, channels=config.in_channels)
     labels = rows["label"].map(index).to_numpy()
-    if blank_masks:
+    if masks == "absent":
         return UnmaskedSlices(images, labels)
-    return SliceDataset(images, labels, prepared_masks(rows, config.image_size) if with_masks else None)
+    return SliceDataset(images, labels, prepared_masks(rows, config.image_size) if masks == "read" else None)
 
 
 def data_module(split: pd.DataFrame, config: TrainConfig, classes: list[str]):

@@ -25,10 +25,11 @@ def stage(root: Path, name: str) -> subprocess.CompletedProcess:
 
 
 def test_two_process_ddp_trains_an_ensemble_as_one_model_with_one_mlflow_run(tmp_path: Path):
-    """Both ranks go through both networks of an ensemble (a rank that skipped one would hang the other)."""
+    """Both ranks go through both networks of an ensemble (a rank that skipped one would hang the other), and with
+    a time cap, both take the schedule's share of it from rank 0 at every step (a rank that skipped it would hang too)."""
     from components.model import Classifier
 
-    root = make_workspace(tmp_path / "ws", {**TINY_DDP, "train": {**TINY_DDP["train"], "members": 2}})
+    root = make_workspace(tmp_path / "ws", {**TINY_DDP, "train": {**TINY_DDP["train"], "members": 2, "max_minutes": 30}})
     for name in ("synth", "ingest", "validate", "split"):
         assert stage(root, name).returncode == 0
     trained = stage(root, "train")
