@@ -35,14 +35,14 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 
-def ingest(data: Path, workspace: Path) -> pd.DataFrame:
+def ingest(data: Path, workspace: Path, mirror_correlation: float | None) -> pd.DataFrame:
     from components.cli import REAL_DATA_DUPLICATE_CORRELATION
     from components.config import IngestConfig
     from components.ingest import run
 
     config = IngestConfig(
         source=data, out=workspace / "manifest.csv", derived_dir=workspace / "derived", feedback_dir=workspace / "feedback",
-        duplicate_correlation=REAL_DATA_DUPLICATE_CORRELATION,
+        duplicate_correlation=REAL_DATA_DUPLICATE_CORRELATION, mirror_correlation=mirror_correlation,
     )  # fmt: skip
     run(config)
     return pd.read_csv(config.out)
@@ -210,7 +210,7 @@ def main() -> None:
     os.chdir(workspace)  # the ingest and prepared-image caches live here
     # the prepared images (5-7 GB at 256 px) go when the run ends, finished or failed; scores and fold weights stay
     atexit.register(shutil.rmtree, workspace / "data" / "cache", True)
-    manifest = ingest(data, workspace)
+    manifest = ingest(data, workspace, params.ingest.mirror_correlation)  # as the pretraining set is grouped
     if pretrain_data is not None:
         params = pretrained(params, pretrain_data, workspace)
     fold = folds_of(manifest, args.folds, args.seed)

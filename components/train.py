@@ -164,8 +164,9 @@ def budgeted_one_cycle(optimizer, max_lrs: list[float], total_steps: int):
 
 
 def time_budget(config: TrainConfig) -> list:
-    """With ``max_minutes``: the callback that tells the schedule what share of it training has spent (Lightning's
-    Timer, which also survives a resume), rank 0's share on every rank, so that DDP's ranks keep one learning rate."""
+    """With ``max_minutes``: the callback that tells the schedule how far through training is by the clock
+    (``budget_share``; Lightning's Timer, which also survives a resume), rank 0's share on every rank, so that DDP's
+    ranks keep one learning rate."""
     if not config.max_minutes:
         return []
     from lightning.pytorch.callbacks import Callback, Timer
@@ -175,12 +176,20 @@ def time_budget(config: TrainConfig) -> list:
     class TimeBudget(Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
             timer = next(callback for callback in trainer.callbacks if isinstance(callback, Timer))
-            share = trainer.strategy.broadcast(timer.time_elapsed("train") / seconds)
+            min_steps = trainer.estimated_stepping_batches * trainer.fit_loop.min_epochs / trainer.max_epochs
+            share = trainer.strategy.broadcast(budget_share(timer.time_elapsed("train"), seconds, trainer.global_step, min_steps))
             for scheduler in trainer.lr_scheduler_configs:
                 if hasattr(scheduler.scheduler, "time_share"):
                     scheduler.scheduler.time_share = share
 
     return [TimeBudget()]
+
+
+def budget_share(elapsed: float, budget: float, steps: int, min_steps: float) -> float:
+    """How far through training is by the clock: the share of the time budget spent, but never ahead of the steps'
+    share of the minimum epochs (``_budget``), which run even after the budget is spent: the schedule then anneals
+    by their end instead of idling at its floor rate."""
+    return min(elapsed / budget, (steps + 1) / min_steps)
 
 
 def rate_groups(named_parameters, learning_rate: float, slower: frozenset[str], factor: float) -> list[dict]:

@@ -136,6 +136,14 @@ def test_the_one_cycle_schedule_goes_by_the_time_budget_when_time_runs_out_first
     assert halfway[4:] == torch_one_cycle[4:], "the steps further along than the time: the steps lead"
 
 
+def test_the_clock_never_runs_the_schedule_ahead_of_the_minimum_epochs():
+    from components.train import budget_share
+
+    assert budget_share(elapsed=60, budget=600, steps=10, min_steps=100) == pytest.approx(0.1), "the clock, while it is behind"
+    assert budget_share(elapsed=900, budget=600, steps=49, min_steps=100) == pytest.approx(0.5), "budget spent: the minimum epochs lead"
+    assert budget_share(elapsed=900, budget=600, steps=99, min_steps=100) == pytest.approx(1.0), "annealed as they end"
+
+
 def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path, str]:
     """A workspace trained until a line starting with ``kill_at`` (a checkpoint is on disk then, and the kill comes
     at once, with epochs left to train whatever the machine's speed), then trained again: the workspace and the
