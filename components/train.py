@@ -169,13 +169,13 @@ def time_budget(config: TrainConfig) -> list:
     ranks keep one learning rate."""
     if not config.max_minutes:
         return []
-    from lightning.pytorch.callbacks import Callback, Timer
+    from lightning.pytorch.callbacks import Callback
 
     seconds = config.max_minutes * 60
 
     class TimeBudget(Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            timer = next(callback for callback in trainer.callbacks if isinstance(callback, Timer))
+            timer = _timer(trainer)
             min_steps = trainer.estimated_stepping_batches * trainer.fit_loop.min_epochs / trainer.max_epochs
             share = trainer.strategy.broadcast(budget_share(timer.time_elapsed("train"), seconds, trainer.global_step, min_steps))
             for scheduler in trainer.lr_scheduler_configs:
@@ -183,6 +183,13 @@ def time_budget(config: TrainConfig) -> list:
                     scheduler.scheduler.time_share = share
 
     return [TimeBudget()]
+
+
+def _timer(trainer):
+    """The Timer Lightning adds for ``max_time`` (None without a time cap)."""
+    from lightning.pytorch.callbacks import Timer
+
+    return next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
 
 
 def budget_share(elapsed: float, budget: float, steps: int, min_steps: float) -> float:
@@ -644,9 +651,7 @@ def _say_if_cut_short(trainer, label: str) -> None:
     """``max_minutes`` stopping training before its last epoch: the learning rate followed the time budget down
     (``budgeted_one_cycle``), but the network saw fewer epochs than asked for, a silent change unless the run's
     output says so."""
-    from lightning.pytorch.callbacks import Timer
-
-    timer = next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
+    timer = _timer(trainer)
     remaining = timer.time_remaining() if timer is not None else None
     early_stop = trainer.early_stopping_callback
     if (
