@@ -8,9 +8,11 @@ targets name, all from one pass over the test slices with the calibrated model (
   - 4-class accuracy, misses and false alarms at P(tumour) 0.5 and at the model's own threshold;
   - with --floors: the threshold re-chosen on the validation slices for each specificity floor (as
     ``calibrate.specificity_floor`` would choose it: `dvc repro` then reruns calibrate onward, not training) and the test figures there;
-  - with several --workspace (runs on the same split): each model, then the mean of their probabilities.
+  - with several --workspace (runs on the same split): each model, then the mean of their probabilities;
+  - with --errors CSV: every test slice some model gets wrong at P(tumour) 0.5, each model's answer, and how many
+    errors all models share (errors no seed or ensemble removes: hard or mislabelled slices, worth a reader's look).
 
-    .venv/bin/python bench/operating_points.py [--workspace W ...] [--specificity 0.995] [--sensitivity 0.998] [--floors 0.85 0.9]
+    .venv/bin/python bench/operating_points.py [--workspace W ...] [--specificity 0.995] [--sensitivity 0.998] [--floors 0.85 0.9] [--errors E.csv]
 """
 
 from __future__ import annotations
@@ -88,6 +90,23 @@ def report(name: str, spec, labels: np.ndarray, probabilities: np.ndarray, args,
         print(f"  floor {floor} (target sensitivity {args.target_sensitivity}): threshold {threshold:.3f}: " + at_threshold(labels, chosen))
 
 
+def shared_errors(rows: pd.DataFrame, decisions: list[np.ndarray], out: Path) -> None:
+    """Writes the slices any model gets wrong and prints how many every model gets wrong."""
+    labels = rows["label"].to_numpy()
+    wrong = np.stack([decided != labels for decided in decisions])
+    table = pd.DataFrame({"path": rows["path"].to_numpy(), "label": labels})
+    for index, decided in enumerate(decisions, start=1):
+        table[f"model_{index}"] = decided
+    table["models_wrong"] = wrong.sum(axis=0)
+    table = table[table["models_wrong"] > 0].sort_values(["models_wrong", "label"], ascending=[False, True])
+    table.to_csv(out, index=False)
+    every = table[table["models_wrong"] == len(decisions)]
+    kinds = (every["label"] + " -> " + every["model_1"]).value_counts().to_dict()
+    print(
+        f"errors at P(tumour) 0.5 made by every one of {len(decisions)} models: {len(every)} of {int(wrong.any(axis=0).sum())} slices any model gets wrong {kinds}; all written to {out}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, action="append", help="a workspace after `tumorscope run` (repeat: several models)")
@@ -95,14 +114,15 @@ def main() -> None:
     parser.add_argument("--sensitivity", type=float, default=0.998)
     parser.add_argument("--floors", type=float, nargs="*", default=[], help="specificity floors to re-choose the threshold with")
     parser.add_argument("--target-sensitivity", type=float, default=0.998)
+    parser.add_argument("--errors", type=Path, help="CSV of the test slices any model gets wrong at P(tumour) 0.5")
     args = parser.parse_args()
     workspaces = args.workspace or [Path(".")]
     for workspace in workspaces:
         if not (workspace / "data" / "split.csv").exists() or not (calibrated(workspace) / "model.pt").exists():
             raise SystemExit(f"skipped: no trained model in {workspace.resolve()} (run `tumorscope run` there first)")
-    from components.model import Classifier
+    from components.model import Classifier, decide
 
-    tests, validations, first_split = [], [], None
+    tests, decisions, validations, first_split = [], [], [], None
     for workspace in workspaces:
         classifier = Classifier.load(calibrated(workspace))
         spec = classifier.spec
@@ -113,6 +133,7 @@ def main() -> None:
         rows, val_rows = split[split["split"] == "test"], split[split["split"] == "val"]
         probabilities = scored(classifier, workspace, rows)
         tests.append(probabilities)
+        decisions.append(decide(probabilities, spec.model_copy(update={"operating_threshold": 0.5})))
         validation = None
         if args.floors:
             validations.append(scored(classifier, workspace, val_rows))
@@ -121,6 +142,8 @@ def main() -> None:
     if len(workspaces) > 1:
         validation = (val_rows["label"].to_numpy(), np.mean(validations, axis=0)) if args.floors else None
         report(f"mean of {len(workspaces)} models", spec, rows["label"].to_numpy(), np.mean(tests, axis=0), args, validation)
+    if args.errors:
+        shared_errors(rows, decisions, args.errors)
 
 
 if __name__ == "__main__":
