@@ -174,7 +174,7 @@ class TrainConfig(Section):
     mask_weight: float = Field(0.0, ge=0)  # > 0: a ResNet that also maps the lesion, its loss weighted so (needs masks)
     members: int = Field(1, ge=1)  # > 1: an ensemble of networks from seeds seed, seed + 1, …, sharing max_minutes
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
-    max_minutes: float | None = Field(None, gt=0)  # stops training then (not before half the epochs); the learning rate anneals within it
+    max_minutes: float | None = Field(None, gt=0)  # a hard limit on training time; the learning rate anneals within it
     devices: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
     lr_scaling: Literal["none", "linear"] = "none"

@@ -164,9 +164,9 @@ def budgeted_one_cycle(optimizer, max_lrs: list[float], total_steps: int):
 
 
 def time_budget(config: TrainConfig) -> list:
-    """With ``max_minutes``: the callback that tells the schedule how far through training is by the clock
-    (``budget_share``; Lightning's Timer, which also survives a resume), rank 0's share on every rank, so that DDP's
-    ranks keep one learning rate."""
+    """With ``max_minutes``: the callback that tells the schedule how far through training is by the clock (the share
+    of the budget spent, from Lightning's Timer, which also survives a resume), rank 0's share on every rank, so that
+    DDP's ranks keep one learning rate."""
     if not config.max_minutes:
         return []
     from lightning.pytorch.callbacks import Callback
@@ -175,9 +175,7 @@ def time_budget(config: TrainConfig) -> list:
 
     class TimeBudget(Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            timer = _timer(trainer)
-            min_steps = trainer.estimated_stepping_batches * trainer.fit_loop.min_epochs / trainer.max_epochs
-            share = trainer.strategy.broadcast(budget_share(timer.time_elapsed("train"), seconds, trainer.global_step, min_steps))
+            share = trainer.strategy.broadcast(min(_timer(trainer).time_elapsed("train") / seconds, 1.0))
             for scheduler in trainer.lr_scheduler_configs:
                 if hasattr(scheduler.scheduler, "time_share"):
                     scheduler.scheduler.time_share = share
@@ -192,11 +190,27 @@ def _timer(trainer):
     return next((callback for callback in trainer.callbacks if isinstance(callback, Timer)), None)
 
 
-def budget_share(elapsed: float, budget: float, steps: int, min_steps: float) -> float:
-    """How far through training is by the clock: the share of the time budget spent, but never ahead of the steps'
-    share of the minimum epochs (``_budget``), which run even after the budget is spent: the schedule then anneals
-    by their end instead of idling at its floor rate."""
-    return min(elapsed / budget, (steps + 1) / min_steps)
+def early_stopping(config: TrainConfig):
+    """Stops on val_loss after ``patience`` epochs without progress, but not before half the epochs: an early stop
+    then would come while the one-cycle learning rate is still high. The time cap is not held back: the rate
+    anneals within it (``budgeted_one_cycle``), so ``max_minutes`` is a hard limit."""
+    from lightning.pytorch.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
+
+    first_epoch_to_stop = max(1, config.epochs // 2)
+
+    class PatientEarlyStopping(EarlyStopping):
+        def _run_early_stopping_check(self, trainer) -> None:
+            self.too_early = trainer.current_epoch + 1 < first_epoch_to_stop
+            super()._run_early_stopping_check(trainer)
+
+        def _evaluate_stopping_criteria(self, current):
+            should_stop, reason = super()._evaluate_stopping_criteria(current)
+            if should_stop and self.too_early and self.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+                self.stopping_reason = EarlyStoppingReason.NOT_STOPPED  # a non-finite loss still stops at once
+                return False, None
+            return should_stop, reason
+
+    return PatientEarlyStopping(monitor="val_loss", patience=config.patience)
 
 
 def rate_groups(named_parameters, learning_rate: float, slower: frozenset[str], factor: float) -> list[dict]:
@@ -438,13 +452,13 @@ def _trainer(config: TrainConfig, logger, checkpoints: Path | None):
     kept) and may span devices and nodes. Without, a fold's (cross-validation, tuning): in this process, nothing
     written, the last epoch's weights (nothing picked on validation)."""
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     stage = checkpoints is not None
     checkpointing = (
         [
             ModelCheckpoint(dirpath=checkpoints, monitor="val_loss", mode="min", save_last=True),
-            EarlyStopping(monitor="val_loss", patience=config.patience),
+            early_stopping(config),
         ]
         if stage
         else []
@@ -505,13 +519,9 @@ def quiet_lightning() -> None:
 
 
 def _budget(config: TrainConfig) -> dict:
-    """The Trainer settings every fit shares: epochs, the time cap and the numeric precision. No stop, early or
-    by the time cap, before half the epochs: a network stopped then has seen too little (and an early stop would
-    come while the one-cycle learning rate is still high)."""
+    """The Trainer settings every fit shares: epochs, the time cap and the numeric precision."""
     time_cap = {"minutes": config.max_minutes} if config.max_minutes else None
-    return {
-        "max_epochs": config.epochs, "min_epochs": max(1, config.epochs // 2), "max_time": time_cap, "precision": trainer_precision(config),
-    }  # fmt: skip
+    return {"max_epochs": config.epochs, "max_time": time_cap, "precision": trainer_precision(config)}
 
 
 def trainer_precision(config: TrainConfig) -> str:

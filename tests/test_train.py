@@ -136,12 +136,34 @@ def test_the_one_cycle_schedule_goes_by_the_time_budget_when_time_runs_out_first
     assert halfway[4:] == torch_one_cycle[4:], "the steps further along than the time: the steps lead"
 
 
-def test_the_clock_never_runs_the_schedule_ahead_of_the_minimum_epochs():
-    from components.train import budget_share
+def _stops_by_epoch(config: TrainConfig, val_losses: list[float]) -> list[bool]:
+    """Whether the stage's early stopping tells the Trainer to stop after each epoch of these validation losses."""
+    from types import SimpleNamespace
 
-    assert budget_share(elapsed=60, budget=600, steps=10, min_steps=100) == pytest.approx(0.1), "the clock, while it is behind"
-    assert budget_share(elapsed=900, budget=600, steps=49, min_steps=100) == pytest.approx(0.5), "budget spent: the minimum epochs lead"
-    assert budget_share(elapsed=900, budget=600, steps=99, min_steps=100) == pytest.approx(1.0), "annealed as they end"
+    import torch
+
+    from components.train import early_stopping
+
+    callback = early_stopping(config)
+    stops = []
+    for epoch, loss in enumerate(val_losses):
+        trainer = SimpleNamespace(
+            callback_metrics={"val_loss": torch.tensor(loss)}, fast_dev_run=False, should_stop=False, current_epoch=epoch,
+            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        )  # fmt: skip
+        callback._run_early_stopping_check(trainer)
+        stops.append(trainer.should_stop)
+    return stops
+
+
+def test_early_stopping_waits_for_half_the_epochs_but_not_for_a_diverged_loss():
+    config = TrainConfig(epochs=8, patience=1)
+    flat = [1.0] * 8
+    assert _stops_by_epoch(config, flat) == [False, False, False, True, True, True, True, True], (
+        "patience spent after epoch 2, held to epoch 4"
+    )
+    assert _stops_by_epoch(config.model_copy(update={"patience": 5}), flat) == [False] * 5 + [True] * 3, "after half: patience alone"
+    assert _stops_by_epoch(config, [1.0, float("nan")])[1], "a non-finite loss stops at once"
 
 
 def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path, str]:
@@ -362,11 +384,11 @@ def test_a_time_cap_that_stops_training_before_its_last_epoch_is_reported(tmp_pa
 
     monkeypatch.chdir(tmp_path)
     split = _toy_split(tmp_path)
-    config = TrainConfig(image_size=32, channels=[8, 8, 8, 8], epochs=4, members=2, max_minutes=0.0002, threads=1)
+    config = TrainConfig(image_size=32, channels=[8, 8, 8, 8], epochs=4, members=2, max_minutes=2e-6, threads=1)
     fit_classifier(config, split[split["split"] != "test"])
     output = capsys.readouterr().out
-    for member in (1, 2):  # min_epochs (half of them) still runs: no stop while the learning rate is high
-        assert f"member {member}/2: max_minutes (this network's share of it) stopped training at step 2 of 4 (epoch 2 of 4)" in output
+    for member in (1, 2):  # a hard limit: the first step outlasts the cap
+        assert f"member {member}/2: max_minutes (this network's share of it) stopped training at step 1 of 4 (epoch 1 of 4)" in output
     fit_classifier(config.model_copy(update={"max_minutes": 30, "epochs": 1, "members": 1}), split[split["split"] != "test"])
     assert "stopped training" not in capsys.readouterr().out
 
@@ -376,11 +398,10 @@ def test_a_time_cap_anneals_the_learning_rate_before_it_stops_training(tmp_path,
 
     monkeypatch.chdir(tmp_path)
     split = _toy_split(tmp_path)
-    config = TrainConfig(image_size=32, channels=[8, 8, 8, 8], epochs=6, max_minutes=0.0002, threads=1)
+    config = TrainConfig(image_size=32, channels=[8, 8, 8, 8], epochs=6, max_minutes=1e-6, threads=1)
     config, spec, weights, rows = _prepared(config, split[split["split"] != "test"])
     _, trainer = _fit_network(config, spec.member, rows, weights, (0, 1))
-    assert trainer.current_epoch == 3, "the cap stops training after half the epochs"
-    assert trainer.global_step < trainer.estimated_stepping_batches
+    assert trainer.global_step == 1, "the cap is a hard limit: training stops after the step that outlasts it"
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == pytest.approx([config.learning_rate / 25 / 1e4])
 
 
