@@ -23,6 +23,10 @@ TUMOUR_TYPES = ("glioma", "meningioma", "pituitary")  # the types that class-fol
 # alike mirrored, and at 0.97 such pairs chained LGG's 40 patients into 22 groups, one of 755 slices. Masoud's mirrored
 # copies correlate ≥ 0.995 (3,006 pairs); LGG has no pair at 0.99.
 MIRRORED_COPY = 0.99
+# Ingest's default bar for one image saved twice (as it is or mirrored), where differing labels mean one is wrong.
+# Masoud's three such pairs (meningioma and pituitary) correlate >= 0.99994; the closest pair of different labels
+# otherwise is LGG's neighbouring slices at a tumour's end, 0.9989; the synthetic cohort's, 0.988.
+EXACT_COPY = 0.9997
 
 
 class Section(BaseModel):
@@ -68,6 +72,7 @@ class IngestConfig(Section):
     volume: VolumeConfig = VolumeConfig()
     duplicate_correlation: float = Field(0.97, gt=0, le=1)
     mirror_correlation: float | None = Field(MIRRORED_COPY, gt=0, le=1)  # a left-right mirrored copy joins at this; None: not sought
+    label_conflict_correlation: float | None = Field(EXACT_COPY, gt=0, le=1)  # copies this close with differing labels: quarantined
     cache_dir: Path | None = None  # default: a cache/ folder beside the manifest
 
     @property

@@ -59,6 +59,17 @@ def duplicate_groups(
     return labels
 
 
+def label_conflicts(thumbnails: np.ndarray, labels: list[str], min_correlation: float) -> dict[int, list[str]]:
+    """Rows with an exact copy (correlating ≥ ``min_correlation`` as it is or mirrored, directly or through a chain)
+    that carries another label, and those other labels. One of the labels is wrong and only the data's owner can
+    say which: training on both teaches noise, and a test on either scores a coin toss."""
+    groups = duplicate_groups(thumbnails, min_correlation, mirror_correlation=min_correlation)
+    labels_of: dict[int, set[str]] = {}
+    for group, label in zip(groups, labels):
+        labels_of.setdefault(group, set()).add(label)
+    return {row: sorted(labels_of[group] - {label}) for row, (group, label) in enumerate(zip(groups, labels)) if len(labels_of[group]) > 1}
+
+
 def views(image: np.ndarray, mirror: bool = False) -> list[np.ndarray]:
     """The thumbnails a copy of this slice could have been made from: its mean and, for colour, each channel (one
     sequence of a multi-sequence slice saved as a gray image); with ``mirror``, each of them mirrored left-right too

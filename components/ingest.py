@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import NO_TUMOUR, TUMOUR, TUMOUR_TYPES, IngestConfig, load_params
-from components.dedup import duplicate_groups, thumbnail
+from components.dedup import duplicate_groups, label_conflicts, thumbnail
 from components.errors import DataError
 from components.imaging import IMAGE_SUFFIXES, code_version, file_signature, list_images, portable_path, read_slice, slice_stats
 from components.privacy import pseudonym
@@ -49,6 +49,7 @@ class Entry:
     path: Path
     relative: str
     label: str | None = None
+    label_from_folder: bool = False  # a class folder's name: a reader's label per image (not derived from a mask)
     subject: str | None = None
     mask: Path | None = None
     source_split: str = ""
@@ -97,7 +98,7 @@ def folder_entries(root: Path, config: IngestConfig) -> list[Entry]:
     for folder, split in find_class_folders(root):
         for path in list_images(folder):
             relative = str(path.relative_to(root))
-            entry = Entry(path, relative, label=folder.name, source_split=split or "")
+            entry = Entry(path, relative, label=folder.name, label_from_folder=True, source_split=split or "")
             if metadata is not None and relative in metadata.index:
                 row = metadata.loc[relative]
                 entry.subject = row.get("subject_id") if pd.notna(row.get("subject_id")) else None
@@ -362,7 +363,7 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     source_key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     cache_name = f"ingest-{source_key}-{code_version('components.dedup')}.npz"
     cache = PixelCache(config.cache_root / cache_name)
-    records, thumbs, quarantined = [], [], []
+    records, thumbs, read, quarantined = [], [], [], []
     for entry in track(entries, progress, f"reading {layout} images"):
         try:
             record, thumb = describe(entry, key, cache)
@@ -371,11 +372,20 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
             continue
         records.append(record)
         thumbs.append(thumb)
+        read.append(entry)
     cache.save()
     if not records:
         raise DataError(root, "no readable images")
-    manifest = pd.DataFrame(records)
-    groups = duplicate_groups(np.stack(thumbs), config.duplicate_correlation, mirror_correlation=config.mirror_correlation)
+    conflicts = _label_conflicts(records, thumbs, read, config.label_conflict_correlation)
+    quarantined += conflicts
+    contradicted = {conflict["image_id"] for conflict in conflicts}
+    kept = [row for row, record in enumerate(records) if record["image_id"] not in contradicted]
+    if not kept:
+        raise DataError(root, "every image has an exact copy with another label")
+    manifest = pd.DataFrame([records[row] for row in kept])
+    groups = duplicate_groups(
+        np.stack([thumbs[row] for row in kept]), config.duplicate_correlation, mirror_correlation=config.mirror_correlation
+    )
     manifest["duplicate_group"] = [f"dup-{g}" for g in groups]
     quarantine = pd.DataFrame(quarantined, columns=["image_id", "file", "problem"])
     config.out.parent.mkdir(parents=True, exist_ok=True)
@@ -384,6 +394,24 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     quarantine.to_csv(config.out.with_name("quarantine.csv"), index=False)
     _print_summary(manifest, quarantine, layout)
     return IngestResult(manifest, quarantine)
+
+
+def _label_conflicts(records: list[dict], thumbs: list[np.ndarray], entries: list[Entry], min_correlation: float | None) -> list[dict]:
+    """Quarantine rows for the images that an exact copy of contradicts (``dedup.label_conflicts``), among those
+    labelled by their folder: two slices alike at 32×32 whose masks differ (LGG's, a volume's) disagree rightly."""
+    rows = [row for row, entry in enumerate(entries) if entry.label_from_folder]
+    if min_correlation is None or len(rows) < 2:
+        return []
+    conflicts = label_conflicts(np.stack([thumbs[row] for row in rows]), [records[row]["label"] for row in rows], min_correlation)
+    return [
+        {
+            "image_id": records[rows[k]]["image_id"],
+            "file": entries[rows[k]].relative,
+            "problem": f"labelled {records[rows[k]]['label']!r}, but an exact copy of it (as it is or mirrored) is labelled "
+            f"{' and '.join(map(repr, others))}: one label is wrong; correct it, or remove one copy",
+        }  # fmt: skip
+        for k, others in conflicts.items()
+    ]
 
 
 def _print_summary(manifest: pd.DataFrame, quarantine: pd.DataFrame, layout: str) -> None:

@@ -124,6 +124,23 @@ def test_a_mirrored_copy_joins_its_original_unless_mirror_correlation_is_off(tmp
     assert apart["duplicate_group"].nunique() == 3
 
 
+def test_copies_of_one_image_with_two_labels_are_quarantined_by_pseudonym(tmp_path: Path, capsys):
+    root = tmp_path / "data"
+    for i, label in enumerate(["glioma", "notumor", "meningioma"]):
+        _slice(root / label / f"s{i}.png", i)
+    Image.open(root / "glioma" / "s0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / "glioma" / "mirrored.png")
+    (root / "pituitary").mkdir()
+    shutil.copy(root / "notumor" / "s1.png", root / "pituitary" / "copy.png")
+    result = run(IngestConfig(source=root, out=tmp_path / "m.csv"))
+    assert sorted(result.quarantined["file"]) == ["notumor/s1.png", "pituitary/copy.png"]
+    problems = dict(zip(result.quarantined["file"], result.quarantined["problem"]))
+    assert "labelled 'pituitary', but an exact copy of it (as it is or mirrored) is labelled 'notumor'" in problems["pituitary/copy.png"]
+    assert sorted(result.manifest["label"]) == ["glioma", "glioma", "meningioma"], "a mirrored copy with the same label stays"
+    assert "copy.png" not in capsys.readouterr().out, "the log names quarantined images by pseudonym only"
+    unchecked = run(IngestConfig(source=root, out=tmp_path / "m.csv", label_conflict_correlation=None))
+    assert len(unchecked.quarantined) == 0 and len(unchecked.manifest) == 5
+
+
 def test_numeric_subject_ids_keep_a_subjects_images_together(tmp_path: Path):
     root = tmp_path / "data"
     for i, label in enumerate(["tumor", "tumor", "notumor"]):
