@@ -513,9 +513,14 @@ def ramped_moving_average(decay: float):
 
 
 def quiet_lightning() -> None:
-    """Our own epoch lines replace Lightning's tips, banners and deprecation chatter."""
+    """Our own epoch lines replace Lightning's tips, banners and deprecation chatter. Lightning sets its logger to
+    INFO when first imported, so it is imported first. Its checkpoint folder also holds the run's MLflow id (resume)."""
+    import lightning.pytorch  # noqa: F401
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|litlogger|overridden `on_after_batch_transfer`).*")
+    warnings.filterwarnings(
+        "ignore", message=".*(LeafSpec|does not have many workers|litlogger|overridden `on_after_batch_transfer`|exists and is not empty).*"
+    )
 
 
 def _budget(config: TrainConfig) -> dict:

@@ -169,7 +169,7 @@ def test_early_stopping_waits_for_half_the_epochs_but_not_for_a_diverged_loss():
 def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path, str]:
     """A workspace trained until a line starting with ``kill_at`` (a checkpoint is on disk then, and the kill comes
     at once, with epochs left to train whatever the machine's speed), then trained again: the workspace and the
-    second run's output."""
+    second run's output (stdout, then stderr)."""
     import signal
     import subprocess
     import sys
@@ -193,7 +193,7 @@ def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path,
     assert statuses == ["RUNNING"], "a killed job's run is not marked finished by a network that was"
     second = subprocess.run([sys.executable, "-m", "components.train"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    return root, second.stdout
+    return root, second.stdout + second.stderr
 
 
 def _the_one_finished_run(root: Path):
@@ -266,6 +266,7 @@ def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(t
     root, output = _killed_then_rerun(tmp_path, train, kill_at="epoch 3/6")  # the moving average resumes too
     assert "resuming the interrupted run from its checkpoint after epoch" in output
     assert "epoch 1/6" not in output and "epoch 6/6" in output
+    assert not any(chatter in output for chatter in ("GPU available", "Tip:", "exists and is not empty")), "Lightning's chatter"
     _the_one_finished_run(root)
 
 
