@@ -398,19 +398,30 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
 
 def _label_conflicts(records: list[dict], thumbs: list[np.ndarray], entries: list[Entry], min_correlation: float | None) -> list[dict]:
     """Quarantine rows for the images that an exact copy of contradicts (``dedup.label_conflicts``), among those
-    labelled by their folder: two slices alike at 32×32 whose masks differ (LGG's, a volume's) disagree rightly."""
-    rows = [row for row, entry in enumerate(entries) if entry.label_from_folder]
-    if min_correlation is None or len(rows) < 2:
+    labelled by their folder: two slices alike at 32×32 whose masks differ (LGG's, a volume's) disagree rightly. A
+    clinician's feedback label that contradicts a source image quarantines the feedback copy alone: the test split,
+    drawn from the source, stays fixed."""
+    if min_correlation is None:
         return []
-    conflicts = label_conflicts(np.stack([thumbs[row] for row in rows]), [records[row]["label"] for row in rows], min_correlation)
+
+    def conflicting(rows: list[int]) -> dict[int, list[str]]:
+        if len(rows) < 2:
+            return {}
+        found = label_conflicts(np.stack([thumbs[row] for row in rows]), [records[row]["label"] for row in rows], min_correlation)
+        return {rows[k]: others for k, others in found.items()}
+
+    labelled = [row for row, entry in enumerate(entries) if entry.label_from_folder]
+    feedback = {row for row in labelled if entries[row].extra.get("origin") == "feedback"}
+    contradicted = conflicting([row for row in labelled if row not in feedback])
+    contradicted |= {row: others for row, others in conflicting(labelled).items() if row in feedback}
     return [
         {
-            "image_id": records[rows[k]]["image_id"],
-            "file": entries[rows[k]].relative,
-            "problem": f"labelled {records[rows[k]]['label']!r}, but an exact copy of it (as it is or mirrored) is labelled "
+            "image_id": records[row]["image_id"],
+            "file": entries[row].relative,
+            "problem": f"labelled {records[row]['label']!r}, but an exact copy of it (as it is or mirrored) is labelled "
             f"{' and '.join(map(repr, others))}: one label is wrong; correct it, or remove one copy",
-        }  # fmt: skip
-        for k, others in conflicts.items()
+        }
+        for row, others in sorted(contradicted.items())
     ]
 
 

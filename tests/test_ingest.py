@@ -141,6 +141,17 @@ def test_copies_of_one_image_with_two_labels_are_quarantined_by_pseudonym(tmp_pa
     assert len(unchecked.quarantined) == 0 and len(unchecked.manifest) == 5
 
 
+def test_a_feedback_label_that_contradicts_a_source_image_quarantines_the_feedback_copy_alone(tmp_path: Path):
+    root, feedback = tmp_path / "data", tmp_path / "feedback"
+    for i, label in enumerate(["glioma", "notumor"]):
+        _slice(root / label / f"s{i}.png", i)
+    (feedback / "glioma").mkdir(parents=True)
+    shutil.copy(root / "notumor" / "s1.png", feedback / "glioma" / "served.png")
+    result = run(IngestConfig(source=root, out=tmp_path / "m.csv", feedback_dir=feedback))
+    assert list(result.quarantined["file"]) == ["feedback/glioma/served.png"], "the source image, and so the test split, stays"
+    assert sorted(result.manifest["label"]) == ["glioma", "notumor"]
+
+
 def test_numeric_subject_ids_keep_a_subjects_images_together(tmp_path: Path):
     root = tmp_path / "data"
     for i, label in enumerate(["tumor", "tumor", "notumor"]):
