@@ -27,6 +27,8 @@ MIRRORED_COPY = 0.99
 # Masoud's three such pairs (meningioma and pituitary) correlate >= 0.99994; the closest pair of different labels
 # otherwise is LGG's neighbouring slices at a tumour's end, 0.9989; the synthetic cohort's, 0.988.
 EXACT_COPY = 0.9997
+UNREADABLE, LABEL_CONFLICT = "unreadable", "label_conflict"  # the kinds of quarantine.csv: validation gates each share
+QUARANTINE_COLUMNS = ["image_id", "file", "kind", "problem"]
 
 
 class Section(BaseModel):
@@ -92,6 +94,7 @@ class ValidateConfig(Section):
     min_image_side: int = Field(32, ge=1)
     min_image_std: float = Field(0.001, ge=0, le=1)
     max_unreadable_fraction: float = Field(0.0, ge=0, le=1)
+    max_label_conflict_fraction: float = Field(0.01, ge=0, le=1)  # images quarantined for an exact copy with another label
     max_spacing_spread_mm: float = Field(0.01, ge=0)  # volume slices: standard deviation of voxel spacing
     required_sequences: list[Literal["t1", "t1c", "t2", "flair"]] = []  # volume slices: sequences every case needs
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.config import NO_TUMOUR, TUMOUR, TUMOUR_TYPES, IngestConfig, load_params
+from components.config import LABEL_CONFLICT, NO_TUMOUR, QUARANTINE_COLUMNS, TUMOUR, TUMOUR_TYPES, UNREADABLE, IngestConfig, load_params
 from components.dedup import duplicate_groups, label_conflicts, thumbnail
 from components.errors import DataError
 from components.imaging import IMAGE_SUFFIXES, code_version, file_signature, list_images, portable_path, read_slice, slice_stats
@@ -368,7 +368,9 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
         try:
             record, thumb = describe(entry, key, cache)
         except DataError as exc:
-            quarantined.append({"image_id": pseudonym(entry.relative, key, "img-"), "file": entry.relative, "problem": exc.problem})
+            quarantined.append(
+                {"image_id": pseudonym(entry.relative, key, "img-"), "file": entry.relative, "kind": UNREADABLE, "problem": exc.problem}
+            )
             continue
         records.append(record)
         thumbs.append(thumb)
@@ -387,7 +389,7 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
         np.stack([thumbs[row] for row in kept]), config.duplicate_correlation, mirror_correlation=config.mirror_correlation
     )
     manifest["duplicate_group"] = [f"dup-{g}" for g in groups]
-    quarantine = pd.DataFrame(quarantined, columns=["image_id", "file", "problem"])
+    quarantine = pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS)
     config.out.parent.mkdir(parents=True, exist_ok=True)
     config.derived_dir.mkdir(parents=True, exist_ok=True)  # a DVC output, empty for sources of 2D images
     manifest.to_csv(config.out, index=False)
@@ -413,11 +415,13 @@ def _label_conflicts(records: list[dict], thumbs: list[np.ndarray], entries: lis
     labelled = [row for row, entry in enumerate(entries) if entry.label_from_folder]
     feedback = {row for row in labelled if entries[row].extra.get("origin") == "feedback"}
     contradicted = conflicting([row for row in labelled if row not in feedback])
-    contradicted |= {row: others for row, others in conflicting(labelled).items() if row in feedback}
+    if feedback:
+        contradicted |= {row: others for row, others in conflicting(labelled).items() if row in feedback}
     return [
         {
             "image_id": records[row]["image_id"],
             "file": entries[row].relative,
+            "kind": LABEL_CONFLICT,
             "problem": f"labelled {records[row]['label']!r}, but an exact copy of it (as it is or mirrored) is labelled "
             f"{' and '.join(map(repr, others))}: one label is wrong; correct it, or remove one copy",
         }

@@ -192,13 +192,20 @@ def _timer(trainer):
 
 def early_stopping(config: TrainConfig):
     """Stops on val_loss after ``patience`` epochs without progress, but not before half the epochs: an early stop
-    then would come while the one-cycle learning rate is still high. The time cap is not held back: the rate
-    anneals within it (``budgeted_one_cycle``), so ``max_minutes`` is a hard limit."""
+    then would come while the one-cycle learning rate is still high (a lull then, followed by progress, does not stop
+    training at half). The time cap is not held back: the rate anneals within it (``budgeted_one_cycle``), so
+    ``max_minutes`` is a hard limit."""
     from lightning.pytorch.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
 
     first_epoch_to_stop = max(1, config.epochs // 2)
 
     class PatientEarlyStopping(EarlyStopping):
+        too_early = False
+
+        @property
+        def state_key(self) -> str:  # Lightning's own key: a checkpoint written by EarlyStopping resumes here
+            return "EarlyStopping" + repr({"monitor": self.monitor, "mode": self.mode})
+
         def _run_early_stopping_check(self, trainer) -> None:
             self.too_early = trainer.current_epoch + 1 < first_epoch_to_stop
             super()._run_early_stopping_check(trainer)

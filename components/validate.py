@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.config import NO_TUMOUR, ValidateConfig, load_params
+from components.config import LABEL_CONFLICT, NO_TUMOUR, QUARANTINE_COLUMNS, ValidateConfig, load_params
 from components.errors import DataError, TumorScopeError
 from components.imaging import portable_path
 
@@ -98,13 +98,21 @@ def _summary_expectations(config: ValidateConfig) -> list:
 
     return [
         gxe.ExpectColumnValuesToBeBetween(column="unreadable_fraction", min_value=0.0, max_value=config.max_unreadable_fraction),
+        gxe.ExpectColumnValuesToBeBetween(column="label_conflict_fraction", min_value=0.0, max_value=config.max_label_conflict_fraction),
         gxe.ExpectColumnValuesToBeBetween(column="classes", min_value=2),
     ]
 
 
-def _tables(manifest: pd.DataFrame, quarantined: int) -> dict[str, pd.DataFrame]:
+def _tables(manifest: pd.DataFrame, quarantine: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The manifest, its class balance, and the share of the source quarantined by kind (a quarantine.csv from before
+    the kinds: all unreadable)."""
     balance = manifest["label"].value_counts(normalize=True).rename("fraction").rename_axis("label").reset_index()
-    summary = pd.DataFrame({"unreadable_fraction": [quarantined / (quarantined + len(manifest))], "classes": [manifest["label"].nunique()]})
+    conflicts = int((quarantine["kind"] == LABEL_CONFLICT).sum()) if "kind" in quarantine else 0
+    total = len(quarantine) + len(manifest)
+    summary = pd.DataFrame({
+        "unreadable_fraction": [(len(quarantine) - conflicts) / total], "label_conflict_fraction": [conflicts / total],
+        "classes": [manifest["label"].nunique()],
+    })  # fmt: skip
     return {"manifest": manifest, "class_balance": balance, "ingest_summary": summary}
 
 
@@ -118,7 +126,7 @@ def _quiet_context(root: Path):
     return context
 
 
-def check(config: ValidateConfig, manifest: pd.DataFrame, quarantined: int) -> ValidationOutcome:
+def check(config: ValidateConfig, manifest: pd.DataFrame, quarantine: pd.DataFrame) -> ValidationOutcome:
     """Run the three suites in one checkpoint; Data Docs go under ``config.report_dir``."""
     import great_expectations as gx
 
@@ -129,7 +137,7 @@ def check(config: ValidateConfig, manifest: pd.DataFrame, quarantined: int) -> V
         "class_balance": _balance_expectations(config),
         "ingest_summary": _summary_expectations(config),
     }
-    tables = _tables(manifest, quarantined)
+    tables = _tables(manifest, quarantine)
     definitions = []
     for name, checks in expectations.items():
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
@@ -161,10 +169,10 @@ def run(config: ValidateConfig) -> ValidationOutcome:
         raise DataError(config.manifest, "manifest not found: run the ingest stage first")
     manifest = pd.read_csv(config.manifest)
     quarantine_file = config.manifest.with_name("quarantine.csv")
-    quarantine = pd.read_csv(quarantine_file) if quarantine_file.exists() else pd.DataFrame(columns=["image_id", "file", "problem"])
+    quarantine = pd.read_csv(quarantine_file) if quarantine_file.exists() else pd.DataFrame(columns=QUARANTINE_COLUMNS)
     config.report_dir.mkdir(parents=True, exist_ok=True)
     qc_table(manifest, quarantine, config).to_csv(config.report_dir / "qc.csv", index=False)
-    outcome = check(config, manifest, len(quarantine))
+    outcome = check(config, manifest, quarantine)
     outcome.quarantined = [{"image_id": r.image_id, "problem": r.problem} for r in quarantine.itertuples()]
     # relative: result.json is a DVC dependency of the split stage, and an absolute link differs between clones
     stored = outcome.__dict__ | {"data_docs": portable_path(Path(outcome.data_docs.removeprefix("file://")), config.report_dir)}

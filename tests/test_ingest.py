@@ -133,6 +133,7 @@ def test_copies_of_one_image_with_two_labels_are_quarantined_by_pseudonym(tmp_pa
     shutil.copy(root / "notumor" / "s1.png", root / "pituitary" / "copy.png")
     result = run(IngestConfig(source=root, out=tmp_path / "m.csv"))
     assert sorted(result.quarantined["file"]) == ["notumor/s1.png", "pituitary/copy.png"]
+    assert set(result.quarantined["kind"]) == {"label_conflict"}, "validation gates their share apart from unreadable files"
     problems = dict(zip(result.quarantined["file"], result.quarantined["problem"]))
     assert "labelled 'pituitary', but an exact copy of it (as it is or mirrored) is labelled 'notumor'" in problems["pituitary/copy.png"]
     assert sorted(result.manifest["label"]) == ["glioma", "glioma", "meningioma"], "a mirrored copy with the same label stays"

@@ -164,6 +164,15 @@ def test_early_stopping_waits_for_half_the_epochs_but_not_for_a_diverged_loss():
     )
     assert _stops_by_epoch(config.model_copy(update={"patience": 5}), flat) == [False] * 5 + [True] * 3, "after half: patience alone"
     assert _stops_by_epoch(config, [1.0, float("nan")])[1], "a non-finite loss stops at once"
+    assert not any(_stops_by_epoch(config, [1.0, 1.1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])), "a lull before half, then progress: no stop"
+
+
+def test_early_stopping_resumes_the_state_lightnings_own_saved():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from components.train import early_stopping
+
+    assert early_stopping(TrainConfig()).state_key == EarlyStopping(monitor="val_loss").state_key
 
 
 def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path, str]:

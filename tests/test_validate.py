@@ -58,6 +58,18 @@ def test_too_many_unreadable_files_fail(manifest: Path, tmp_path: Path):
         run(ValidateConfig(manifest=bad, report_dir=tmp_path / "reports", min_images=10, max_unreadable_fraction=0.01))
 
 
+def test_label_conflicts_are_gated_by_their_own_share_not_as_unreadable_files(manifest: Path, tmp_path: Path):
+    data = tmp_path / "manifest.csv"
+    pd.read_csv(manifest).to_csv(data, index=False)
+    pd.DataFrame(
+        {"image_id": ["img-a", "img-b"], "file": ["a.png", "b.png"], "kind": "label_conflict", "problem": "an exact copy of it ..."}
+    ).to_csv(tmp_path / "quarantine.csv", index=False)
+    config = ValidateConfig(manifest=data, report_dir=tmp_path / "reports", min_images=10, max_unreadable_fraction=0.0)
+    assert run(config.model_copy(update={"max_label_conflict_fraction": 0.5})).success
+    with pytest.raises(TumorScopeError, match="label_conflict_fraction"):
+        run(config.model_copy(update={"max_label_conflict_fraction": 0.001}))
+
+
 def test_a_few_quarantined_files_are_listed_in_the_qc_table_and_do_not_stop_the_run(manifest: Path, tmp_path: Path):
     good = tmp_path / "manifest.csv"
     pd.read_csv(manifest).to_csv(good, index=False)
