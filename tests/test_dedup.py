@@ -23,6 +23,19 @@ def test_chains_form_one_group_and_blank_images_stay_alone():
     assert groups[3] != groups[0]
 
 
+def test_an_exact_copy_with_another_label_is_a_conflict_but_a_near_one_is_not():
+    from components.dedup import label_conflicts
+
+    rng = np.random.default_rng(1)
+    base, other = rng.random((64, 64)).astype(np.float32), rng.random((64, 64)).astype(np.float32)
+    near = np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1)  # a neighbouring slice: alike, not the same image
+    images = [base, base[:, ::-1], other, other * 0.5, near]
+    labels = ["glioma", "pituitary", "notumor", "notumor", "meningioma"]
+    thumbnails = np.stack([thumbnail(image) for image in images])
+    assert float(thumbnails[0] @ thumbnails[4]) > 0.97, "near enough to be a near-duplicate"
+    assert label_conflicts(thumbnails, labels, 0.9997) == {0: ["pituitary"], 1: ["glioma"]}, "mirrored copy: both; same label: none"
+
+
 def test_each_image_keeps_its_best_view_against_every_reference_image():
     from components.dedup import closest_matches
 
