@@ -378,10 +378,9 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     cache.save()
     if not records:
         raise DataError(root, "no readable images")
-    conflicts = _label_conflicts(records, thumbs, read, config.label_conflict_correlation)
-    quarantined += conflicts
-    contradicted = {conflict["image_id"] for conflict in conflicts}
-    kept = [row for row, record in enumerate(records) if record["image_id"] not in contradicted]
+    contradicted = _label_conflicts(records, thumbs, read, config.label_conflict_correlation)
+    quarantined += [_conflict_row(records[row], read[row], others) for row, others in sorted(contradicted.items())]
+    kept = [row for row in range(len(records)) if row not in contradicted]
     if not kept:
         raise DataError(root, "every image has an exact copy with another label")
     manifest = pd.DataFrame([records[row] for row in kept])
@@ -398,13 +397,15 @@ def run(config: IngestConfig, progress: bool = False) -> IngestResult:
     return IngestResult(manifest, quarantine)
 
 
-def _label_conflicts(records: list[dict], thumbs: list[np.ndarray], entries: list[Entry], min_correlation: float | None) -> list[dict]:
-    """Quarantine rows for the images that an exact copy of contradicts (``dedup.label_conflicts``), among those
-    labelled by their folder: two slices alike at 32×32 whose masks differ (LGG's, a volume's) disagree rightly. A
-    clinician's feedback label that contradicts a source image quarantines the feedback copy alone: the test split,
-    drawn from the source, stays fixed."""
+def _label_conflicts(
+    records: list[dict], thumbs: list[np.ndarray], entries: list[Entry], min_correlation: float | None
+) -> dict[int, list[str]]:
+    """The rows an exact copy contradicts (``dedup.label_conflicts``), with the other labels, among the images labelled
+    by their folder: two slices alike at 32×32 whose masks differ (LGG's, a volume's) disagree rightly. A clinician's
+    feedback label that contradicts a source image marks the feedback copy alone: the test split, drawn from the
+    source, stays fixed."""
     if min_correlation is None:
-        return []
+        return {}
 
     def conflicting(rows: list[int]) -> dict[int, list[str]]:
         if len(rows) < 2:
@@ -417,16 +418,18 @@ def _label_conflicts(records: list[dict], thumbs: list[np.ndarray], entries: lis
     contradicted = conflicting([row for row in labelled if row not in feedback])
     if feedback:
         contradicted |= {row: others for row, others in conflicting(labelled).items() if row in feedback}
-    return [
-        {
-            "image_id": records[row]["image_id"],
-            "file": entries[row].relative,
-            "kind": LABEL_CONFLICT,
-            "problem": f"labelled {records[row]['label']!r}, but an exact copy of it (as it is or mirrored) is labelled "
-            f"{' and '.join(map(repr, others))}: one label is wrong; correct it, or remove one copy",
-        }
-        for row, others in sorted(contradicted.items())
-    ]
+    return contradicted
+
+
+def _conflict_row(record: dict, entry: Entry, others: list[str]) -> dict:
+    """quarantine.csv's row for an image an exact copy contradicts (the log shows its pseudonym and problem only)."""
+    return {
+        "image_id": record["image_id"],
+        "file": entry.relative,
+        "kind": LABEL_CONFLICT,
+        "problem": f"labelled {record['label']!r}, but an exact copy of it (as it is or mirrored) is labelled "
+        f"{' and '.join(map(repr, others))}: one label is wrong; correct it, or remove one copy",
+    }
 
 
 def _print_summary(manifest: pd.DataFrame, quarantine: pd.DataFrame, layout: str) -> None:
