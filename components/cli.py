@@ -202,8 +202,9 @@ def run(
         if preset is not None:
             changes.append(_preset(preset))
         if changes:
-            _rewrite_params(changes)
-        load_params()  # a value out of range or a conflict (pretrain.source with train.init_weights) fails here, before any stage runs
+            _rewrite_params(changes)  # checks the result before writing it
+        else:
+            load_params()  # a value out of range or a conflict (pretrain.source with train.init_weights) fails here, before any stage runs
     except TumorScopeError as error:
         _fail(str(error))
     from flows.training import training

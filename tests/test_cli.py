@@ -138,3 +138,13 @@ def test_a_preset_merges_into_params_and_a_bad_one_is_one_clear_line(tmp_path, m
     assert (tmp_path / "params.yaml").read_text() == before, "a refused preset changes nothing"
     result = subprocess.run([*CLI, "run", "--preset", "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and "no such preset (presets: lgg, masoud" in result.stderr
+
+
+def test_a_run_with_a_bad_value_in_params_stops_before_any_stage(tmp_path):
+    import shutil
+
+    shutil.copy(PROJECT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text((PROJECT / "params.yaml").read_text().replace("  val_fraction: 0.15\n", "  val_fraction: 0.7\n"))
+    result = subprocess.run([*CLI, "run"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "split.val_fraction" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "data").exists(), "no stage ran"

@@ -175,6 +175,17 @@ def test_early_stopping_resumes_the_state_lightnings_own_saved():
     assert early_stopping(TrainConfig()).state_key == EarlyStopping(monitor="val_loss").state_key
 
 
+def test_the_stages_trainer_stops_early_with_the_held_back_rule_and_a_folds_does_not(tmp_path):
+    from components.train import _trainer
+
+    config = TrainConfig(epochs=8, patience=1, max_minutes=5)
+    stage = _trainer(config, logger=False, checkpoints=tmp_path)
+    assert hasattr(stage.early_stopping_callback, "too_early"), "the stage stops early by early_stopping(), not Lightning's plain rule"
+    assert stage.early_stopping_callback.patience == 1
+    assert stage.fit_loop.min_epochs is None, "no epoch floor holds back the time cap"
+    assert _trainer(config, logger=False, checkpoints=None).early_stopping_callback is None, "a fold trains its epochs"
+
+
 def _killed_then_rerun(tmp_path: Path, train: dict, kill_at: str) -> tuple[Path, str]:
     """A workspace trained until a line starting with ``kill_at`` (a checkpoint is on disk then, and the kill comes
     at once, with epochs left to train whatever the machine's speed), then trained again: the workspace and the
