@@ -164,6 +164,8 @@ class TrainConfig(Section):
     out_dir: Path = Path("models")
     network: Literal["resnet", "densenet121"] = "resnet"
     image_size: int = Field(96, ge=32, le=512)
+    early_image_size: int | None = Field(None, ge=32, le=512)  # progressive resizing: training batches at this size
+    early_share: float = Field(0.5, gt=0, lt=1)  # ...for this share of training (steps or the time budget), then image_size
     in_channels: Literal[1, 3] = 1  # 3: colour slices as three sequences (LGG's T1, FLAIR, T1c); gray inputs are repeated
     channels: list[int] = [16, 32, 64, 128]
     blocks: list[int] = [1, 1, 1, 1]
@@ -211,6 +213,8 @@ class TrainConfig(Section):
     def _stages_match(self) -> TrainConfig:
         if len(self.channels) != 4 or len(self.blocks) != 4:
             raise ValueError(f"channels and blocks need one entry per ResNet stage (4), got {len(self.channels)} and {len(self.blocks)}")
+        if self.early_image_size is not None and self.early_image_size >= self.image_size:
+            raise ValueError(f"early_image_size ({self.early_image_size}) must be below image_size ({self.image_size})")
         if self.mask_weight > 0 and self.network != "resnet":
             raise ValueError(f"mask_weight (a lesion map head) needs network 'resnet', not '{self.network}'")
         return self

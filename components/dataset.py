@@ -98,6 +98,16 @@ def jitter_intensities(images, probability: float):
     return torch.where(chosen, jittered, images)
 
 
+def at_size(images, size: int):
+    """A (N, C, S, S) batch resized to ``size`` (antialiased bilinear, so small sizes keep no aliasing); as it is at
+    its own size."""
+    import torch.nn.functional as F
+
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def augment_batch(images, masks=None):
     """Random pose, flip, contrast and noise for a whole (N, C, S, S) batch in a few tensor ops, the same
     distribution MONAI's per-sample RandAffine/RandFlip/RandAdjustContrast/RandGaussianNoise gave: on 2 cores

@@ -51,20 +51,39 @@ def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray, 
             self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
             self._train_losses: list[float] = []
             self.slower: frozenset[str] = frozenset()  # parameters loaded from starting weights (_fit_network)
+            self._training_at = config.image_size  # the size training batches were last given (_training_size)
 
         def forward(self, x):
             return self.net(x.contiguous(memory_format=torch.channels_last))
 
         def on_after_batch_transfer(self, batch, _):
-            if self.trainer.training and config.augment:
-                from components.dataset import augment_batch, drop_sequences, jitter_intensities
+            if not self.trainer.training:
+                return batch
+            from components.dataset import at_size, augment_batch, drop_sequences, jitter_intensities
 
-                images = jitter_intensities(drop_sequences(batch[0], config.sequence_dropout), config.intensity_jitter)
-                if spec.lesion_head:
-                    images, masks = augment_batch(images, batch[2])
-                    return images, batch[1], masks, batch[3]
-                return augment_batch(images), batch[1]
-            return batch
+            images = at_size(batch[0], self._training_size())  # masks stay full size: the lesion loss pools them to its map
+            if not config.augment:
+                return images, *batch[1:]
+            images = jitter_intensities(drop_sequences(images, config.sequence_dropout), config.intensity_jitter)
+            if spec.lesion_head:
+                images, masks = augment_batch(images, batch[2])
+                return images, batch[1], masks, batch[3]
+            return augment_batch(images), batch[1]
+
+        def _training_size(self) -> int:
+            """``early_image_size`` for the first ``early_share`` of training, by steps or by the clock, whichever is
+            further (the schedule's own measure, ``budgeted_one_cycle``), then ``image_size``: early epochs cost
+            about (early / full size)² as much, so a time budget holds more of them, and the network ends at the
+            size it answers at."""
+            size = config.image_size
+            if config.early_image_size is not None:
+                progress = self.trainer.global_step / max(1, self.trainer.estimated_stepping_batches)
+                progress = max(progress, getattr(self.lr_schedulers(), "time_share", 0.0))
+                size = config.early_image_size if progress < config.early_share else config.image_size
+            if size != self._training_at and self.trainer.is_global_zero:
+                print(f"{label}training batches at {size} px from step {self.trainer.global_step + 1}", flush=True)
+            self._training_at = size
+            return size
 
         def training_step(self, batch, _):
             x, y = batch[:2]

@@ -426,6 +426,34 @@ def test_a_time_cap_anneals_the_learning_rate_before_it_stops_training(tmp_path,
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == pytest.approx([config.learning_rate / 25 / 1e4])
 
 
+def test_progressive_resizing_trains_small_for_its_share_then_at_full_size_and_validates_at_full_size(tmp_path, monkeypatch, capsys):
+    from pydantic import ValidationError
+
+    from components.model import build_network
+    from components.train import _fit_network, _prepared
+
+    seen: list[tuple[bool, int]] = []  # (training, input size) of every forward pass of the network
+
+    def recorded_network(spec):
+        net = build_network(spec)
+        net.register_forward_pre_hook(lambda module, inputs: seen.append((module.training, inputs[0].shape[-1])))
+        return net
+
+    monkeypatch.setattr("components.train.build_network", recorded_network)
+    monkeypatch.chdir(tmp_path)
+    split = _toy_split(tmp_path)
+    config = TrainConfig(image_size=48, early_image_size=32, early_share=0.5, channels=[8, 8, 8, 8], epochs=4, threads=1)
+    config, spec, weights, rows = _prepared(config, split[split["split"] != "test"])
+    _, trainer = _fit_network(config, spec.member, rows, weights, (0, 1))
+    trained_at = [size for training, size in seen if training]
+    assert trainer.global_step == 4 and trained_at == [32, 32, 48, 48]
+    assert {size for training, size in seen if not training} == {48}, "validation (and the shipped network) at image_size"
+    output = capsys.readouterr().out
+    assert "training batches at 32 px from step 1\n" in output and "training batches at 48 px from step 3\n" in output
+    with pytest.raises(ValidationError, match="early_image_size"):
+        TrainConfig(image_size=48, early_image_size=48)
+
+
 def test_cross_validation_and_tuning_folds_start_from_the_initial_weights_too(tmp_path, monkeypatch, capsys):
     import torch
 
