@@ -76,10 +76,10 @@ def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray, 
             about (early / full size)² as much, so a time budget holds more of them, and the network ends at the
             size it answers at."""
             size = config.image_size
-            if config.early_image_size is not None:
+            if config.early_image_size is not None:  # tuning may set image_size below it: never above image_size
                 progress = self.trainer.global_step / max(1, self.trainer.estimated_stepping_batches)
                 progress = max(progress, getattr(self.lr_schedulers(), "time_share", 0.0))
-                size = config.early_image_size if progress < config.early_share else config.image_size
+                size = min(config.early_image_size, config.image_size) if progress < config.early_share else config.image_size
             if size != self._training_at and self.trainer.is_global_zero:
                 print(f"{label}training batches at {size} px from step {self.trainer.global_step + 1}", flush=True)
             self._training_at = size
@@ -392,7 +392,13 @@ def checkpoint_folder(config: TrainConfig, data_hash: str) -> Path:
     stage rewrites its file in place."""
     start = file_hash(config.init_weights) if config.init_weights is not None and config.init_weights.is_file() else None
     cotrain = file_hash(config.cotrain_split) if _cotrains(config) else None  # the rows co-training draws from, by content
-    identity = {**config.model_dump(mode="json", exclude={"threads", "resume"}), "data": data_hash, "start": start, "cotrain": cotrain}
+    unused = {"early_image_size", "early_share"} if config.early_image_size is None else set()  # runs from before them resume
+    identity = {
+        **config.model_dump(mode="json", exclude={"threads", "resume", *unused}),
+        "data": data_hash,
+        "start": start,
+        "cotrain": cotrain,
+    }
     return config.checkpoint_root / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

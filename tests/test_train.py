@@ -454,6 +454,17 @@ def test_progressive_resizing_trains_small_for_its_share_then_at_full_size_and_v
         TrainConfig(image_size=48, early_image_size=48)
 
 
+def test_progressive_resizing_keys_the_checkpoint_folder_only_when_it_is_on():
+    from components.train import checkpoint_folder
+
+    plain = checkpoint_folder(TrainConfig(), "data")
+    assert checkpoint_folder(TrainConfig(early_share=0.3), "data") == plain, "an unused share must not strand a resumable run"
+    assert checkpoint_folder(TrainConfig(early_image_size=64), "data") != plain
+    assert checkpoint_folder(TrainConfig(early_image_size=64, early_share=0.3), "data") != checkpoint_folder(
+        TrainConfig(early_image_size=64), "data"
+    )
+
+
 def test_cross_validation_and_tuning_folds_start_from_the_initial_weights_too(tmp_path, monkeypatch, capsys):
     import torch
 
