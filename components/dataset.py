@@ -103,7 +103,7 @@ def at_size(images, size: int):
     its own size."""
     import torch.nn.functional as F
 
-    if images.shape[-1] == size and images.shape[-2] == size:
+    if images.shape[-2:] == (size, size):
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 

@@ -71,15 +71,13 @@ def lightning_module(spec: ModelSpec, config: TrainConfig, weights: np.ndarray, 
             return augment_batch(images), batch[1]
 
         def _training_size(self) -> int:
-            """``early_image_size`` for the first ``early_share`` of training, by steps or by the clock, whichever is
-            further (the schedule's own measure, ``budgeted_one_cycle``), then ``image_size``: early epochs cost
-            about (early / full size)² as much, so a time budget holds more of them, and the network ends at the
-            size it answers at."""
+            """``early_image_size`` for the first ``early_share`` of training, as far as the schedule has gone (steps or
+            the clock, whichever is further: ``budgeted_one_cycle``), then ``image_size``: early epochs cost about
+            (early / full size)² as much, so a time budget holds more of them, and the network ends at the size it
+            answers at."""
             size = config.image_size
-            if config.early_image_size is not None:  # tuning may set image_size below it: never above image_size
-                progress = self.trainer.global_step / max(1, self.trainer.estimated_stepping_batches)
-                progress = max(progress, getattr(self.lr_schedulers(), "time_share", 0.0))
-                size = min(config.early_image_size, config.image_size) if progress < config.early_share else config.image_size
+            if config.early_image_size is not None and self.lr_schedulers().progress < config.early_share:
+                size = min(config.early_image_size, config.image_size)  # tuning may set image_size below it
             if size != self._training_at and self.trainer.is_global_zero:
                 print(f"{label}training batches at {size} px from step {self.trainer.global_step + 1}", flush=True)
             self._training_at = size
@@ -171,9 +169,18 @@ def budgeted_one_cycle(optimizer, max_lrs: list[float], total_steps: int):
     class BudgetedOneCycle(torch.optim.lr_scheduler.OneCycleLR):
         time_share = 0.0
 
+        def position(self) -> float:
+            """The step the schedule stands at: the further of the steps taken and the time budget's share of them."""
+            return max(self.last_epoch, min(self.time_share, 1.0) * (self.total_steps - 1))
+
+        @property
+        def progress(self) -> float:
+            """How far through training, 0 to 1 (progressive resizing switches sizes by it)."""
+            return self.position() / max(1, self.total_steps - 1)
+
         def get_lr(self) -> list[float]:
             steps = self.last_epoch
-            self.last_epoch = max(steps, min(self.time_share, 1.0) * (self.total_steps - 1))
+            self.last_epoch = self.position()
             try:
                 return super().get_lr()
             finally:
