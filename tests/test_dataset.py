@@ -18,6 +18,32 @@ def test_batch_augmentation_keeps_shape_and_range_and_differs_per_sample():
     assert 0.35 < out.mean().item() / square.mean().item() < 1.6, "content stays in the frame"
 
 
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+def test_affine_grid_is_torchs(size):
+    import torch
+    import torch.nn.functional as F
+
+    from components.dataset import affine_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = F.affine_grid(theta, [5, 1, *size], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, size), expected, atol=1e-5, rtol=0)
+
+
+def test_contrast_and_noise_reach_about_three_in_ten_slices():
+    import torch
+
+    from components.dataset import augment_batch
+
+    torch.manual_seed(2)
+    flat = torch.full((3000, 1, 64, 64), 0.5)
+    centre = augment_batch(flat)[:, 0, 24:40, 24:40]  # inside the frame whatever the pose
+    noisy = (centre.std(dim=(1, 2)) > 0.01).float().mean().item()
+    contrasted = ((centre.mean(dim=(1, 2)) - 0.5).abs() > 0.005).float().mean().item()
+    assert 0.26 < noisy < 0.34
+    assert 0.24 < contrasted < 0.32  # γ within 1.5 % of 1 moves the level less: ~93 % of the 30 % show
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_prepared_images_are_cached_per_input_size_and_channels(tmp_path, channels):
     import pandas as pd
