@@ -79,7 +79,7 @@ def choose_operating_threshold(score: np.ndarray, is_tumour: np.ndarray, config:
         point["val_specificity_at_threshold"] = float((score[~is_tumour] < threshold).mean())
     if threshold > for_target:
         print(
-            f"operating threshold raised from {for_target:.3f} (calibrate.target_sensitivity) to {threshold:.3f} by "
+            f"operating threshold raised from {for_target:.3g} (calibrate.target_sensitivity) to {threshold:.3g} by "
             f"calibrate.specificity_floor {config.specificity_floor}: validation sensitivity there "
             f"{point.get('val_sensitivity_at_threshold', float('nan')):.3f}",
             flush=True,
