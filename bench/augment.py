@@ -22,19 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def textbook_augment(images):
-    """The distribution of ``augment_batch``, every op over the whole batch."""
+    """The distribution of ``augment_batch`` (its own pose), every other op over the whole batch."""
     import torch
     import torch.nn.functional as F
 
+    from components.dataset import random_pose
+
     n = images.shape[0]
     uniform = lambda *shape: torch.rand(*shape) * 2 - 1  # noqa: E731
-    posed = torch.rand(n) < 0.8
-    angle = torch.where(posed, uniform(n) * 0.3, 0.0)
-    scale = torch.where(posed, 1 + uniform(n) * 0.12, 1.0)
-    shift = torch.where(posed[:, None], uniform(n, 2) * 12 / images.shape[-1], 0.0)
-    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    theta = random_pose(n, images.shape[-1])
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp_min(0)
     gamma = torch.where(torch.rand(n) < 0.3, torch.exp(uniform(n) * 0.223), 1.0)

@@ -117,14 +117,7 @@ def augment_batch(images, masks=None):
     import torch.nn.functional as F
 
     n, device = images.shape[0], images.device
-    uniform = lambda *shape: torch.rand(*shape, device=device) * 2 - 1  # noqa: E731
-    posed = torch.rand(n, device=device) < 0.8
-    angle = torch.where(posed, uniform(n) * 0.3, 0.0)
-    scale = torch.where(posed, 1 + uniform(n) * 0.12, 1.0)
-    shift = torch.where(posed[:, None], uniform(n, 2) * 12 / images.shape[-1], 0.0)  # ±6 px of the input
-    flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    theta = random_pose(n, images.shape[-1], device)
 
     def sample(planes):  # images and masks alike, each at its own size
         grid = affine_grid(theta.to(planes.dtype), planes.shape[-2:])
@@ -132,10 +125,27 @@ def augment_batch(images, masks=None):
 
     out = sample(images).clamp_min(0)
     contrasted = torch.nonzero(torch.rand(n, device=device) < 0.3).flatten()  # γ in (0.8, 1.25) for these
-    out[contrasted] = out[contrasted] ** torch.exp(uniform(len(contrasted)) * 0.223).view(-1, 1, 1, 1).to(out.dtype)
+    out[contrasted] = out[contrasted] ** torch.exp((torch.rand(len(contrasted), device=device) * 2 - 1) * 0.223).view(-1, 1, 1, 1).to(
+        out.dtype
+    )
     noisy = torch.nonzero(torch.rand(n, device=device) < 0.3).flatten()  # noise drawn for these only: most of the op's cost
     out[noisy] = out[noisy] + torch.randn_like(out[noisy]) * 0.02
     return out if masks is None else (out, sample(masks))
+
+
+def random_pose(n: int, size: int, device=None):
+    """(n, 2, 3) affine matrices for ``augment_batch``: 80 % of slices rotated up to ±0.3 rad, scaled ±12 % and
+    shifted up to ±6 px of a ``size``-pixel input, and half of all slices mirrored left-right."""
+    import torch
+
+    uniform = lambda *shape: torch.rand(*shape, device=device) * 2 - 1  # noqa: E731
+    posed = torch.rand(n, device=device) < 0.8
+    angle = torch.where(posed, uniform(n) * 0.3, 0.0)
+    scale = torch.where(posed, 1 + uniform(n) * 0.12, 1.0)
+    shift = torch.where(posed[:, None], uniform(n, 2) * 12 / size, 0.0)
+    flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    return torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
 
 
 def affine_grid(theta, size: tuple[int, int]):
