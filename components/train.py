@@ -569,8 +569,8 @@ def _budget(config: TrainConfig) -> dict:
 
 
 def trainer_precision(config: TrainConfig) -> str:
-    """'auto': fp16 mixed precision on a GPU, full fp32 on a CPU (bf16 there is a choice: 1.5-1.8x faster on CPUs
-    with AMX, slower on ones without)."""
+    """'auto': fp16 mixed precision on a GPU, full fp32 on a CPU (bf16 there is a choice: 1.7-1.8x faster on CPUs
+    with native bf16, AMX or AVX512-BF16, slower on ones without; bench/precision.py)."""
     if config.precision != "auto":
         return config.precision
     return "16-mixed" if _has_cuda() else "32-true"
