@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -80,16 +81,39 @@ def volume_rows(classifier: Classifier, path: Path) -> pd.DataFrame:
     return pd.concat([rows, strongest.to_frame().T], ignore_index=True)
 
 
-def predict_files(inputs: list[Path], model: str = "champion") -> pd.DataFrame:
+class BatchPrediction(NamedTuple):
+    """The rows of the files that could be read, and each file that could not with its problem: one bad file
+    in a folder of thousands costs its own row, not the run."""
+
+    rows: pd.DataFrame
+    unreadable: list[DataError]
+
+
+def predict_files(inputs: list[Path], model: str = "champion") -> BatchPrediction:
     from rich.progress import track
 
     classifier = load_classifier(model)
     files = expand(inputs)
     slices, volumes = [f for f in files if not _is_volume(f)], [f for f in files if _is_volume(f)]
+    unreadable: list[DataError] = []
     chunks = [slices[start : start + BATCH] for start in range(0, len(slices), BATCH)]
-    parts = [
-        _rows(classifier, [str(p) for p in chunk], [read_slice(p, color=True) for p in chunk])
-        for chunk in track(chunks, description="predicting")
-    ]
-    parts += [volume_rows(classifier, path) for path in volumes]
-    return pd.concat(parts, ignore_index=True)
+    parts = [_chunk_rows(classifier, chunk, unreadable) for chunk in track(chunks, description="predicting")]
+    for path in volumes:
+        try:
+            parts.append(volume_rows(classifier, path))
+        except TumorScopeError as exc:
+            unreadable.append(exc if isinstance(exc, DataError) else DataError(path, str(exc)))
+    rows = pd.concat(parts, ignore_index=True) if parts else _rows(classifier, [], [])
+    return BatchPrediction(rows, unreadable)
+
+
+def _chunk_rows(classifier: Classifier, chunk: list[Path], unreadable: list[DataError]) -> pd.DataFrame:
+    """The chunk's readable slices, predicted together; the others join ``unreadable``."""
+    names, images = [], []
+    for path in chunk:
+        try:
+            images.append(read_slice(path, color=True))
+            names.append(str(path))
+        except DataError as exc:
+            unreadable.append(exc)
+    return _rows(classifier, names, images)

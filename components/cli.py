@@ -26,6 +26,9 @@ app = typer.Typer(
 Workspace = Annotated[Path, typer.Option("--workdir", "-C", help="Workspace with dvc.yaml and params.yaml.")]
 
 
+UNREADABLE_SHOWN = 10  # batch prediction names this many unreadable files on stderr; the CSV lists all
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
@@ -308,17 +311,34 @@ def predict(
     workdir: Workspace = Path("."),
 ) -> None:
     """Batch prediction: reads images and the model; writes path, predicted_label, confidence, prob_<class>.
-    A volume gives a row per brain slice (<file>#z<index>) and a row for the volume (its most suspicious slice)."""
+    A volume gives a row per brain slice (<file>#z<index>) and a row for the volume (its most suspicious slice).
+    Files that cannot be read are listed, with why, in <out>.unreadable.csv, and the exit status is 1."""
     from components.batch import predict_files
 
-    files = [path.resolve() for path in inputs]
+    files, out = [path.resolve() for path in inputs], out.resolve()
     _enter(workdir)
     try:
-        frame = predict_files(files, model)
+        predicted = predict_files(files, model)
     except TumorScopeError as exc:
         _fail(str(exc))
-    frame.to_csv(out if out.is_absolute() else Path.cwd() / out, index=False)
-    typer.echo(f"wrote {len(frame)} predictions to {out}")
+    predicted.rows.to_csv(out, index=False)
+    typer.echo(f"wrote {len(predicted.rows)} predictions to {out}")
+    if predicted.unreadable:
+        _report_unreadable(predicted.unreadable, out.with_name(f"{out.name.removesuffix('.csv')}.unreadable.csv"))
+
+
+def _report_unreadable(unreadable: list, listing: Path) -> None:
+    """Names the files left out, and why, on stderr (the first few) and in a CSV (all); exits 1 so a script notices."""
+    import pandas as pd
+
+    pd.DataFrame({"path": [exc.path for exc in unreadable], "problem": [exc.problem for exc in unreadable]}).to_csv(listing, index=False)
+    for exc in unreadable[:UNREADABLE_SHOWN]:
+        typer.secho(f"unreadable: {exc}", err=True, fg=typer.colors.YELLOW)
+    more = f" ({len(unreadable) - UNREADABLE_SHOWN} more there)" if len(unreadable) > UNREADABLE_SHOWN else ""
+    typer.secho(
+        f"{len(unreadable)} file(s) could not be read and have no prediction: listed in {listing}{more}", err=True, fg=typer.colors.RED
+    )
+    raise typer.Exit(1)
 
 
 @app.command()

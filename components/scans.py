@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,13 +50,13 @@ def sniff(data: bytes, name: str = "upload") -> str:
     if data.startswith(GZIP_MAGIC):
         try:
             head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(4)
-        except (OSError, EOFError):
+        except (OSError, EOFError, zlib.error):  # zlib.error is not an OSError: a corrupt stream raises it
             raise DataError(name, "a gzip file that cannot be decompressed") from None
         if _is_nifti_header(head):
             return "nifti"
     elif _is_nifti_header(data[:4]) and len(data) >= 352:
         return "nifti"
-    raise UnsupportedInput(name, "unsupported file type: send a PNG, JPEG or TIFF slice, a NIfTI volume, or DICOM (a file or a zip)")
+    raise UnsupportedInput(name, "unsupported file type: its content is not a PNG, JPEG or TIFF slice, a NIfTI volume or DICOM (a file or a zip)")
 
 
 def read_scan(path: Path, key: bytes, name: str = "upload") -> Scan:
@@ -119,7 +120,7 @@ def _volume_scan(volume_file: Path, kind: str, name: str) -> Scan:
         volume = prepare(VolumeCase("upload", {"image": volume_file}), config)
     except DataError as exc:
         raise DataError(name, exc.problem) from None  # the temporary path means nothing to the sender
-    except (ValueError, RuntimeError, OSError, EOFError) as exc:
+    except (ValueError, RuntimeError, OSError, EOFError, zlib.error) as exc:
         raise DataError(name, f"not a readable {kind} volume ({exc.__class__.__name__})") from None
     slices = axial_slices(volume, config, None, unlabelled=True)
     if not slices:

@@ -21,7 +21,7 @@ def test_a_volume_gives_one_row_per_brain_slice_and_one_for_the_volume(tmp_path:
     Classifier.from_weights(spec, build_network(spec).state_dict()).save(tmp_path / "model")
     volume = _save(tmp_path / "scan.nii.gz", _head())
     Image.fromarray((np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)).save(tmp_path / "slice.png")
-    rows = predict_files([volume, tmp_path / "slice.png"], model=str(tmp_path / "model"))
+    rows = predict_files([volume, tmp_path / "slice.png"], model=str(tmp_path / "model")).rows
     assert list(rows.columns) == ["path", "predicted_label", "confidence", "prob_notumor", "prob_tumor"]
     slices = rows[rows["path"].str.startswith(f"{volume}#z")]
     whole = rows[rows["path"] == str(volume)]
@@ -41,5 +41,22 @@ def test_a_zipped_dicom_series_is_predicted_like_a_volume(tmp_path: Path, monkey
     Classifier.from_weights(spec, build_network(spec).state_dict()).save(tmp_path / "model")
     write_series(tmp_path / "series", n_slices=6)
     archive = write_zip(tmp_path / "series.zip", tmp_path / "series")
-    rows = predict_files([archive], model=str(tmp_path / "model"))
+    rows = predict_files([archive], model=str(tmp_path / "model")).rows
     assert (rows["path"] == str(archive)).sum() == 1 and rows["path"].str.startswith(f"{archive}#z").sum() >= 1
+
+
+def test_unreadable_files_are_listed_with_their_problem_and_the_rest_predicted(tmp_path: Path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"])
+    Classifier.from_weights(spec, build_network(spec).state_dict()).save(tmp_path / "model")
+    Image.fromarray((np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)).save(tmp_path / "slice.png")
+    (tmp_path / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 not really gzip")
+    predicted = predict_files([tmp_path / "slice.png", tmp_path / "cut.jpg", tmp_path / "broken.nii.gz"], model=str(tmp_path / "model"))
+    assert predicted.rows["path"].tolist() == [str(tmp_path / "slice.png")]
+    problems = {Path(exc.path).name: exc.problem for exc in predicted.unreadable}
+    assert sorted(problems) == ["broken.nii.gz", "cut.jpg"] and problems["broken.nii.gz"] == "a gzip file that cannot be decompressed"
+    assert problems["cut.jpg"].startswith("not a readable image")

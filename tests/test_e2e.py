@@ -135,6 +135,20 @@ def test_batch_prediction_writes_one_row_per_image_with_class_probabilities(work
     assert wrong.returncode == 2 and "not an image (png, jpg, tif), a NIfTI volume" in wrong.stderr
 
 
+def test_batch_prediction_predicts_every_readable_file_and_lists_the_others(workspace: Path, tmp_path: Path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for image in sorted((workspace / "data" / "synth" / "tumor").glob("*.png"))[:3]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = tumorscope(workspace, "predict", str(folder), "--out", str(tmp_path / "preds.csv"))
+    assert result.returncode == 1, "a script must notice the files left out"
+    assert len(pd.read_csv(tmp_path / "preds.csv")) == 3
+    listed = pd.read_csv(tmp_path / "preds.unreadable.csv")
+    assert listed["path"].tolist() == [str(folder / "truncated.png")] and "not a readable image" in listed["problem"][0]
+    assert "truncated.png: not a readable image" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_metrics_and_plots_show(workspace: Path):
     assert "roc_auc" in dvc(workspace, "metrics", "show")
     plots = json.loads(dvc(workspace, "plots", "show", "--json"))

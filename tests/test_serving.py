@@ -93,8 +93,9 @@ def test_dicom_is_deidentified_on_arrival_no_header_value_reaches_the_answer_or_
         (png_bytes(np.zeros((1, 300), np.uint8)), 422, "expected a 2D image"),
         (b"", 422, "empty"),
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 2_100_000, 413, "limit"),
+        (b"\x1f\x8b\x08 not really gzip", 422, "cannot be decompressed"),  # zlib.error, not an OSError
     ],
-    ids=["unsupported", "unreadable", "wrong-shape", "empty", "too-large"],
+    ids=["unsupported", "unreadable", "wrong-shape", "empty", "too-large", "corrupt-gzip"],
 )
 def test_bad_input_gets_its_4xx_with_a_clear_message(endpoint: Endpoint, content: bytes, status: int, message: str):
     response = post(endpoint, content)
