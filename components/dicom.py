@@ -17,6 +17,7 @@ import io
 import re
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -155,7 +156,7 @@ def _open_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> io.BytesIO:
         raise DataError(info.filename, f"{info.file_size} bytes: too large for a DICOM slice")
     try:
         return io.BytesIO(archive.read(info))
-    except (RuntimeError, zipfile.BadZipFile, OSError, EOFError) as exc:  # encrypted, corrupt or unsupported member
+    except (RuntimeError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:  # encrypted, corrupt or unsupported member
         raise DataError(info.filename, f"cannot be read from the zip ({exc.__class__.__name__})") from None
 
 

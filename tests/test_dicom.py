@@ -101,6 +101,25 @@ def test_a_zip_gives_the_same_series_as_the_folder(tmp_path):
     assert q_zip == [("export/notes.txt", "not a DICOM file")]
 
 
+def test_a_zip_member_whose_compressed_bytes_are_corrupt_is_quarantined_not_raised(tmp_path):
+    import zipfile
+
+    paths = write_series(tmp_path / "in", n_slices=6)
+    archive = tmp_path / "export.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in paths:
+            out.write(path, path.name)
+    with zipfile.ZipFile(archive) as packed:
+        member = packed.getinfo(paths[2].name)
+    data = bytearray(archive.read_bytes())
+    start = member.header_offset + 30 + len(member.filename) + len(member.extra)  # the local header, then the deflate stream
+    data[start + 10 : start + 200] = bytes(byte ^ 0x55 for byte in data[start + 10 : start + 200])
+    archive.write_bytes(bytes(data))
+    _, quarantined = read_series(archive, KEY)
+    reasons = dict(quarantined)
+    assert reasons[paths[2].name].startswith("cannot be read from the zip")  # the archive is at fault, not the slice (zlib.error)
+
+
 def test_junk_truncated_and_pixelless_files_are_quarantined_and_the_rest_read(tmp_path):
     paths = write_series(tmp_path, n_slices=6)
     (tmp_path / "notes.txt").write_text("patient was anxious")
