@@ -316,15 +316,29 @@ def predict(
     from components.batch import predict_files
 
     files, out = [path.resolve() for path in inputs], out.resolve()
+    existed = out.exists()
+    _refuse_unwritable(out)
     _enter(workdir)
     try:
         predicted = predict_files(files, model)
     except TumorScopeError as exc:
+        if not existed:
+            out.unlink(missing_ok=True)  # the empty file the check made
         _fail(str(exc))
     predicted.rows.to_csv(out, index=False)
     typer.echo(f"wrote {len(predicted.rows)} predictions to {out}")
     if predicted.unreadable:
         _report_unreadable(predicted.unreadable, out.with_name(f"{out.name.removesuffix('.csv')}.unreadable.csv"))
+
+
+def _refuse_unwritable(out: Path) -> None:
+    """Refuses an output that cannot be written before hours of predicting, not after (opened for append: an
+    existing file keeps its content until the predictions replace it)."""
+    try:
+        with out.open("a"):
+            pass
+    except OSError as exc:
+        _fail(f"{out}: cannot write the predictions there ({exc.strerror or exc.__class__.__name__})")
 
 
 def _report_unreadable(unreadable: list, listing: Path) -> None:

@@ -148,3 +148,10 @@ def test_a_run_with_a_bad_value_in_params_stops_before_any_stage(tmp_path):
     result = subprocess.run([*CLI, "run"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "split.val_fraction" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "data").exists(), "no stage ran"
+
+
+def test_predict_refuses_an_output_it_cannot_write_before_predicting(tmp_path: Path):
+    for out, problem in ((tmp_path / "missing" / "preds.csv", "No such file or directory"), (tmp_path, "Is a directory")):
+        result = subprocess.run([*CLI, "predict", str(tmp_path), "--out", str(out)], capture_output=True, text=True, cwd=PROJECT)
+        assert result.returncode == 2 and f"{out}: cannot write the predictions there ({problem})" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "predicting" not in result.stdout + result.stderr
