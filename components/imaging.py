@@ -19,6 +19,9 @@ from components.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 STAT_COLUMNS = ("width", "height", "mean", "std", "p01", "p50", "p99", "foreground")
+# Far above any MRI slice (256-1024 px a side). A larger header is refused before decoding: a 190 KB PNG can
+# declare 14,000 x 14,000 pixels, gigabytes once decoded and scaled (a decompression bomb).
+MAX_SLICE_SIDE = 4096
 
 
 def read_slice(source: str | Path | bytes, name: str | None = None, color: bool = False) -> np.ndarray:
@@ -31,12 +34,19 @@ def read_slice(source: str | Path | bytes, name: str | None = None, color: bool 
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(handle) as image:
+            if max(image.size) > MAX_SLICE_SIDE:
+                raise DataError(
+                    label,
+                    f"{image.width} x {image.height} pixels: larger than any MRI slice (at most {MAX_SLICE_SIDE} a side); not decoded",
+                )
             image.load()
             if image.mode not in ("L", "RGB", "I;16", "I;16B", "I", "F"):  # palette, alpha, CMYK: read as gray
                 image = image.convert("L")
             array = np.asarray(image)
     except FileNotFoundError:
         raise DataError(label, "file not found") from None
+    except Image.DecompressionBombError:  # PIL's own guard, raised on opening, before the size check above
+        raise DataError(label, f"declares more pixels than any MRI slice (at most {MAX_SLICE_SIDE} a side); not decoded") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(label, f"not a readable image ({exc.__class__.__name__})") from None
     return _to_unit(array, label, color)

@@ -60,6 +60,11 @@ _SEGMENTATION_PATTERN = re.compile(r"^(?P<case>.+?)[-_](?:seg|segmentation|mask|
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 SKULL_STRIPPED_BACKGROUND = 0.3
 BRAIN_MASK_MARGIN_MM = 3.0
+# Beyond any brain MRI (a head spans < 300 mm; 512 x 512 x 512 voxels is a very fine scan). The header is checked
+# before decoding: a few MB of gzip can declare gigabytes of voxels, or voxels 50 mm wide that resampling to
+# 1 mm would multiply 125,000-fold.
+MAX_VOLUME_VOXELS = 512**3
+MAX_FIELD_OF_VIEW_MM = 400.0
 
 
 @dataclass
@@ -233,6 +238,7 @@ def _load(path: Path):
 
     from monai.transforms import LoadImage
 
+    _refuse_oversized(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
@@ -244,6 +250,28 @@ def _load(path: Path):
     if not np.isfinite(image.numpy()).all():
         raise DataError(path, "volume holds NaN or infinite values")
     return image
+
+
+def _refuse_oversized(path: Path) -> None:
+    """Refuses, from the header alone, a volume larger than any brain MRI (a header nibabel cannot read is left to
+    the loader, which names the problem)."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        shape, zooms = header.get_data_shape(), header.get_zooms()[:3]
+    except Exception:
+        return
+    voxels = int(np.prod(shape, dtype=np.float64))
+    if voxels > MAX_VOLUME_VOXELS:
+        dims = " x ".join(str(n) for n in shape)
+        raise DataError(path, f"{dims} voxels: more than any brain MRI (at most {MAX_VOLUME_VOXELS:,}); not decoded")
+    extent = max(float(n) * abs(float(z)) for n, z in zip(shape, zooms))
+    if extent > MAX_FIELD_OF_VIEW_MM:
+        raise DataError(
+            path,
+            f"a field of view of {extent:,.0f} mm: larger than any head (at most {MAX_FIELD_OF_VIEW_MM:.0f} mm); check the voxel sizes",
+        )
 
 
 def prepare(case: VolumeCase, config: VolumeConfig) -> PreparedVolume:

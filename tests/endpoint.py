@@ -158,3 +158,28 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def blank_png_bytes(width: int, height: int) -> bytes:
+    """A black 8-bit PNG of any declared size, compressed row by row: a 14,000 x 14,000 one is 190 KB here and
+    196 MB once decoded (a decompression bomb), without this process ever holding the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\x00" * (width + 1)  # filter byte 0, then the row
+    stream = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+
+
+def header_only_nifti_bytes(shape: tuple[int, ...]) -> bytes:
+    """An uncompressed NIfTI-1 file that declares ``shape`` (uint8) and holds no voxels: a header-size bomb."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape(shape)
+    return header.binaryblock + b"\x00" * 4

@@ -120,6 +120,15 @@ def test_a_zip_member_whose_compressed_bytes_are_corrupt_is_quarantined_not_rais
     assert reasons[paths[2].name].startswith("cannot be read from the zip")  # the archive is at fault, not the slice (zlib.error)
 
 
+def test_a_slice_declaring_more_pixels_than_any_mri_is_quarantined_before_decoding(tmp_path):
+    paths = write_series(tmp_path, n_slices=6)
+    giant = pydicom.dcmread(paths[3])
+    giant.Rows = giant.Columns = 20_000  # 400 M pixels: a decompression bomb once the data is compressed
+    giant.save_as(paths[3], enforce_file_format=True)
+    _, quarantined = read_series(tmp_path, KEY)
+    assert dict(quarantined)[paths[3].name] == "20000 x 20000 pixels: larger than any MRI slice (at most 4096 a side); not decoded"
+
+
 def test_junk_truncated_and_pixelless_files_are_quarantined_and_the_rest_read(tmp_path):
     paths = write_series(tmp_path, n_slices=6)
     (tmp_path / "notes.txt").write_text("patient was anxious")

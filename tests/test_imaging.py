@@ -26,6 +26,17 @@ def test_corrupt_file_error_names_the_file(tmp_path: Path):
     assert str(broken) in str(error.value) and "not a readable image" in str(error.value)
 
 
+def test_a_slice_larger_than_any_mri_is_refused_before_decoding(tmp_path: Path):
+    from tests.endpoint import blank_png_bytes
+
+    for name, (width, height) in {"bomb.png": (14_000, 14_000), "wide.png": (5_000, 8)}.items():
+        (tmp_path / name).write_bytes(blank_png_bytes(width, height))
+        with pytest.raises(DataError, match=f"{name}: .*(larger than|more pixels than) any MRI slice"):
+            read_slice(tmp_path / name)
+    (tmp_path / "big.png").write_bytes(blank_png_bytes(4096, 16))
+    assert read_slice(tmp_path / "big.png").shape == (16, 4096)
+
+
 def test_missing_file_error(tmp_path: Path):
     with pytest.raises(DataError, match="file not found"):
         read_slice(tmp_path / "nope.png")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.dicom_fixtures import PHI, write_series, write_zip
-from tests.endpoint import Endpoint, package_tiny_model, png_bytes, start_endpoint, stop
+from tests.endpoint import Endpoint, blank_png_bytes, header_only_nifti_bytes, package_tiny_model, png_bytes, start_endpoint, stop
 from tests.test_volumes import _head, _save
 
 pytestmark = pytest.mark.slow
@@ -94,8 +94,10 @@ def test_dicom_is_deidentified_on_arrival_no_header_value_reaches_the_answer_or_
         (b"", 422, "empty"),
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 2_100_000, 413, "limit"),
         (b"\x1f\x8b\x08 not really gzip", 422, "cannot be decompressed"),  # zlib.error, not an OSError
+        (blank_png_bytes(14_000, 14_000), 422, "more pixels than any MRI slice"),  # 190 KB, 196 MB decoded
+        (header_only_nifti_bytes((2048, 2048, 2048)), 422, "more than any brain MRI"),  # 352 bytes, 8 GB declared
     ],
-    ids=["unsupported", "unreadable", "wrong-shape", "empty", "too-large", "corrupt-gzip"],
+    ids=["unsupported", "unreadable", "wrong-shape", "empty", "too-large", "corrupt-gzip", "decompression-bomb", "volume-bomb"],
 )
 def test_bad_input_gets_its_4xx_with_a_clear_message(endpoint: Endpoint, content: bytes, status: int, message: str):
     response = post(endpoint, content)

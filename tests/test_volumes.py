@@ -122,6 +122,18 @@ def test_unreadable_and_mismatched_volumes_are_data_errors(tmp_path: Path) -> No
         prepare(VolumeCase("m", {"t1": _save(tmp_path / "m-t1.nii.gz", _head()), "t2": small}), VolumeConfig())
 
 
+def test_a_volume_larger_than_any_brain_mri_is_refused_from_its_header(tmp_path: Path) -> None:
+    from tests.endpoint import header_only_nifti_bytes
+
+    bomb = tmp_path / "bomb.nii"
+    bomb.write_bytes(header_only_nifti_bytes((2048, 2048, 2048)))  # 8 GB of voxels declared, none held
+    with pytest.raises(DataError, match="bomb.nii: 2048 x 2048 x 2048 voxels: more than any brain MRI"):
+        prepare(VolumeCase("bomb", {"image": bomb}), VolumeConfig())
+    wide = _save(tmp_path / "wide.nii.gz", np.ones((16, 16, 16), np.float32), np.diag([50.0, 50.0, 50.0, 1.0]))
+    with pytest.raises(DataError, match="wide.nii.gz: a field of view of 800 mm: larger than any head"):
+        prepare(VolumeCase("wide", {"image": wide}), VolumeConfig())  # resampled to 1 mm: 800^3 voxels
+
+
 def test_rigid_registration_brings_a_rotated_template_back() -> None:
     import torch
     from monai.data import MetaTensor
