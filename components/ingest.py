@@ -84,7 +84,9 @@ def _read_csv(path: Path, required: str, text_columns: tuple[str, ...] = ()) -> 
         table = pd.read_csv(path, dtype={column: str for column in text_columns})
     except FileNotFoundError:
         raise DataError(path, "not found") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+    except UnicodeDecodeError:
+        raise DataError(path, "not UTF-8 text: save it as UTF-8 (in Excel: 'CSV UTF-8')") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(path, f"not a readable CSV ({exc.__class__.__name__})") from None
     if required not in table.columns:
         raise DataError(path, f"needs a '{required}' column")
@@ -93,7 +95,7 @@ def _read_csv(path: Path, required: str, text_columns: tuple[str, ...] = ()) -> 
 
 def folder_entries(root: Path, config: IngestConfig) -> list[Entry]:
     metadata_file = root / "metadata.csv"
-    metadata = _read_csv(metadata_file, "file", ("file", "subject_id", "mask")).set_index("file") if metadata_file.exists() else None
+    metadata = _folder_metadata(metadata_file) if metadata_file.exists() else None
     entries = []
     for folder, split in find_class_folders(root):
         for path in list_images(folder):
@@ -105,7 +107,36 @@ def folder_entries(root: Path, config: IngestConfig) -> list[Entry]:
                 entry.mask = root / row["mask"] if isinstance(row.get("mask"), str) else None
                 entry.extra = {column: row[column] for column in METADATA_COLUMNS if column in row.index}
             entries.append(entry)
+    if metadata is not None:
+        _warn_unmatched(metadata_file, metadata.reset_index(), set(metadata.index) - {entry.relative for entry in entries})
     return entries
+
+
+def _folder_metadata(path: Path) -> pd.DataFrame:
+    """metadata.csv indexed by file. A file on two rows is refused: which subject it belongs to decides which split
+    it may join, so the table must say it once."""
+    table = _read_csv(path, "file", ("file", "subject_id", "mask"))
+    repeated = table["file"][table["file"].duplicated()].unique()
+    if len(repeated):  # named by line, not by file name: names can carry a patient's
+        raise DataError(
+            path, f"{len(repeated)} file(s) on more than one row, e.g. on lines {_lines(table, {repeated[0]})}: one row per image"
+        )
+    return table.set_index("file")
+
+
+def _warn_unmatched(path: Path, table: pd.DataFrame, unmatched: set[str]) -> None:
+    """Rows naming no image found: their subject IDs group nothing, so a misspelt path would let that image's
+    subject reach two splits. Said once, by line (file names can carry a patient's)."""
+    if unmatched:
+        print(
+            f"warning: {path}: {len(unmatched)} row(s) name no image under a class folder (lines {_lines(table, unmatched)}); an image misspelt there is its own subject"
+        )
+
+
+def _lines(table: pd.DataFrame, files: set[str], shown: int = 5) -> str:
+    """The CSV line numbers (header = line 1) of the rows naming these files, the first few."""
+    lines = [str(number + 2) for number, name in enumerate(table["file"]) if name in files]
+    return ", ".join(lines[:shown]) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")
 
 
 def _is_mask(path: Path) -> bool:

@@ -164,6 +164,23 @@ def test_numeric_subject_ids_keep_a_subjects_images_together(tmp_path: Path):
     assert manifest["subject"].nunique() == 2
 
 
+def test_metadata_must_name_each_image_once_and_says_which_lines_name_none(tmp_path: Path, capsys):
+    root = tmp_path / "data"
+    for i, label in enumerate(["tumor", "tumor", "notumor"]):
+        _slice(root / label / f"Doe_Jane_{i}.png", i)  # names that carry a patient's: never printed
+    metadata = root / "metadata.csv"
+    metadata.write_text("file,subject_id\ntumor/Doe_Jane_0.png,A\ntumor/Doe_Jane_1.png,A\ntumor/Doe_Jane_0.png,B\n")
+    with pytest.raises(DataError, match=r"metadata.csv: 1 file\(s\) on more than one row, e.g. on lines 2, 4: one row per image"):
+        run(IngestConfig(source=root, out=tmp_path / "m.csv"))
+    metadata.write_text("file,subject_id\ntumor/Doe_Jane_0.png,A\ntumor/Doe_Jane_1.png,A\ntumour/Doe_Jane_2.png,B\n")  # misspelt
+    assert run(IngestConfig(source=root, out=tmp_path / "m.csv")).manifest["subject"].nunique() == 2
+    printed = capsys.readouterr().out
+    assert "metadata.csv: 1 row(s) name no image under a class folder (lines 4)" in printed and "Doe_Jane" not in printed
+    metadata.write_bytes("file,subject_id\ntumor/Doe_Jane_0.png,M\u00fcller\n".encode("latin-1"))  # an Excel export
+    with pytest.raises(DataError, match="metadata.csv: not UTF-8 text: save it as UTF-8"):
+        run(IngestConfig(source=root, out=tmp_path / "m.csv"))
+
+
 def _volume_cohort(tmp_path: Path) -> Path:
     from components.config import SynthConfig
     from components.synth import run as synth
