@@ -11,11 +11,14 @@ Prefect artifact holding the metrics table and the gate decision.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, task
@@ -113,6 +116,29 @@ def _publish_artifacts(summary: dict, stages: list[dict]) -> None:
     create_markdown_artifact(key="gate-decision", markdown="\n".join(lines), description="Gate decision and stage timings")
 
 
+@contextmanager
+def workspace_lock(root: Path) -> Iterator[str]:
+    """One pipeline run per workspace: yields '' while this run holds the lock, else who holds it. A scheduled
+    retrain meeting a manual run would otherwise fail in DVC's own lock, stage by stage, each with a traceback.
+    The lock is the kernel's (flock): it ends with its process, so a killed run leaves none behind."""
+    path = root / ".tumorscope" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            yield handle.read().strip() or "a process holding .tumorscope/run.lock"
+            return
+        handle.truncate(0)
+        handle.write(f"PID {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        try:
+            yield ""
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @task(retries=2, retry_delay_seconds=10, task_run_name="dvc-push-{remote}")
 def push_data(workdir: str, remote: str) -> str:
     """Send this run's data versions and outputs to a shared DVC remote, so other machines can pull them."""
@@ -140,11 +166,14 @@ def training(workdir: str = ".", force_from: str | None = None, push_to: str | N
     if force_from is not None and force_from not in stages:
         return Failed(message=f"force_from: unknown stage '{force_from}' (stages: {', '.join(stages)})")
     forced = stages[stages.index(force_from) :] if force_from else []
-    results = []
-    for stage in stages:
-        results.append(run_stage(stage, str(root), force=stage in forced))
-        if results[-1]["status"] == "failed":
-            return Failed(message=f"stage '{stage}' failed: {results[-1]['error']}")
+    with workspace_lock(root) as holder:
+        if holder:
+            return Failed(message=f"another pipeline run is using {root} ({holder}): wait for it to end, or stop it")
+        results = []
+        for stage in stages:
+            results.append(run_stage(stage, str(root), force=stage in forced))
+            if results[-1]["status"] == "failed":
+                return Failed(message=f"stage '{stage}' failed: {results[-1]['error']}")
     summary = {**read_summary(root), "stages": results}
     if push_to:
         summary["pushed_to"] = push_data(str(root), push_to)
