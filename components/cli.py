@@ -370,9 +370,21 @@ def serve(
     if bento is None and not package.exists():
         _fail("no packaged bento yet: run `tumorscope run` first")
     tag = bento or json.loads(package.read_text())["bento"]
+    _refuse_busy_port(port)
     os.environ.setdefault("TUMORSCOPE_PREDICTION_LOG", str(root / "data" / "predictions.sqlite"))
     executable = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
     os.execv(executable, [executable, "serve", tag, "--host", "127.0.0.1", "--port", str(port)])
+
+
+def _refuse_busy_port(port: int) -> None:
+    """One line instead of bentoml's traceback from deep in its process manager when the port is taken."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            _fail(f"127.0.0.1:{port}: cannot serve there ({exc.strerror}; another endpoint?): choose another with --port")
 
 
 @app.command()

@@ -155,3 +155,23 @@ def test_predict_refuses_an_output_it_cannot_write_before_predicting(tmp_path: P
         result = subprocess.run([*CLI, "predict", str(tmp_path), "--out", str(out)], capture_output=True, text=True, cwd=PROJECT)
         assert result.returncode == 2 and f"{out}: cannot write the predictions there ({problem})" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and "predicting" not in result.stdout + result.stderr
+
+
+def test_serve_on_a_port_in_use_is_one_clear_line(tmp_path: Path):
+    import json
+    import shutil
+    import socket
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(PROJECT / name, tmp_path / name)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "package.json").write_text(json.dumps({"bento": "tumorscope:anything"}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*CLI, "serve", "--port", str(port), "-C", str(tmp_path)], capture_output=True, text=True, cwd=PROJECT, timeout=60
+        )
+    assert result.returncode == 2 and f"127.0.0.1:{port}: cannot serve there (Address already in use" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
