@@ -303,7 +303,12 @@ def ingest(
 
 @app.command()
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Slices (png, jpg, tif), NIfTI volumes (.nii, .nii.gz) or folders of them.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Slices (png, jpg, tif), NIfTI volumes (.nii, .nii.gz), DICOM (files, series folders, .zip) or folders of them."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
     model: Annotated[
         str, typer.Option(help="'champion' (registry alias) or a calibrated model's folder (models_calibrated).")

@@ -65,6 +65,7 @@ class Series:
     spacing: tuple[float, float, float]  # mm along x, y, z
     files: int
     headers: list[Dataset] = field(default_factory=list, repr=False)  # de-identified, pixel data removed
+    first_file: str = ""  # the relative name of its first slice's file (where a reader finds the series)
 
 
 @dataclass
@@ -238,6 +239,7 @@ def _assemble(label: str, slices: list[_Slice]) -> Series:
         spacing=(round(dx, 6), round(dy, 6), round(float(np.linalg.norm(step)), 6)),  # header precision, not float noise
         files=len(slices),
         headers=[s.header for s in slices],
+        first_file=slices[0].name,
     )
 
 

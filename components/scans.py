@@ -56,7 +56,9 @@ def sniff(data: bytes, name: str = "upload") -> str:
             return "nifti"
     elif _is_nifti_header(data[:4]) and len(data) >= 352:
         return "nifti"
-    raise UnsupportedInput(name, "unsupported file type: its content is not a PNG, JPEG or TIFF slice, a NIfTI volume or DICOM (a file or a zip)")
+    raise UnsupportedInput(
+        name, "unsupported file type: its content is not a PNG, JPEG or TIFF slice, a NIfTI volume or DICOM (a file or a zip)"
+    )
 
 
 def read_scan(path: Path, key: bytes, name: str = "upload") -> Scan:
@@ -78,12 +80,17 @@ def scan_bytes(data: bytes, key: bytes, name: str = "upload") -> Scan:
             volume_file = Path(folder) / ("volume.nii.gz" if data.startswith(GZIP_MAGIC) else "volume.nii")
             volume_file.write_bytes(data)
             return _volume_scan(volume_file, kind, name)
-        series = _dicom_series(data, key, Path(folder), name)
-        if series.volume.shape[0] == 1:  # one slice: a 2D image, no volume to preprocess
-            return Scan("dicom", [_unit_range(series.volume[0])])
-        from components.dicom import write_nifti
+        return series_scan(_dicom_series(data, key, Path(folder), name), name)
 
-        return _volume_scan(write_nifti(series, Path(folder) / "series.nii.gz"), kind, name)
+
+def series_scan(series, name: str) -> Scan:
+    """The slices of one de-identified DICOM series: one slice is a 2D image, more are preprocessed as a volume."""
+    if series.volume.shape[0] == 1:  # one slice: a 2D image, no volume to preprocess
+        return Scan("dicom", [_unit_range(series.volume[0])])
+    from components.dicom import write_nifti
+
+    with tempfile.TemporaryDirectory(prefix="tumorscope-series-") as folder:
+        return _volume_scan(write_nifti(series, Path(folder) / "series.nii.gz"), "dicom", name)
 
 
 def _unit_range(pixels: np.ndarray) -> np.ndarray:

@@ -60,3 +60,23 @@ def test_unreadable_files_are_listed_with_their_problem_and_the_rest_predicted(t
     problems = {Path(exc.path).name: exc.problem for exc in predicted.unreadable}
     assert sorted(problems) == ["broken.nii.gz", "cut.jpg"] and problems["broken.nii.gz"] == "a gzip file that cannot be decompressed"
     assert problems["cut.jpg"].startswith("not a readable image")
+
+
+def test_a_folder_of_dicom_series_is_predicted_a_series_at_a_time_whatever_the_file_names(tmp_path: Path, monkeypatch):
+    import torch
+
+    from tests.dicom_fixtures import fixed_uid, write_series
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    spec = ModelSpec(network="resnet", image_size=32, channels=[8, 8, 16, 16], blocks=[1, 1, 1, 1], classes=["notumor", "tumor"])
+    Classifier.from_weights(spec, build_network(spec).state_dict()).save(tmp_path / "model")
+    study = tmp_path / "study"
+    write_series(study / "t1", n_slices=6)  # files IM0001…: no suffix, as exports often are
+    write_series(study / "t2", n_slices=5, series_uid=fixed_uid("second"), description="AX T2")
+    (study / "t1" / "IM0099").write_bytes(b"\0" * 128 + b"DICM" + b"cut short")
+    predicted = predict_files([study], model=str(tmp_path / "model"))
+    volumes = predicted.rows[~predicted.rows["path"].str.contains("#z")]["path"].tolist()
+    assert sorted(volumes) == [f"{study / 't1'}#series1", f"{study / 't2'}#series1"], "one row per series, named by its folder"
+    assert predicted.rows["path"].str.startswith(f"{study / 't1'}#series1#z").sum() >= 1
+    assert [Path(exc.path).name for exc in predicted.unreadable] == ["IM0099"]
