@@ -148,12 +148,13 @@ class BatchPrediction(NamedTuple):
 
 
 def predict_files(inputs: list[Path], model: str = "champion") -> BatchPrediction:
+    """Slices in batches of ``BATCH``, then each volume file, then each folder's DICOM series."""
     from rich.progress import track
 
     classifier = load_classifier(model)
     files = expand(inputs)
     slices = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-    volumes = [f for f in files if f.is_file() and f not in slices]
+    volumes = [f for f in files if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES]
     unreadable: list[DataError] = []
     chunks = [slices[start : start + BATCH] for start in range(0, len(slices), BATCH)]
     parts = [_chunk_rows(classifier, chunk, unreadable) for chunk in track(chunks, description="predicting")]
