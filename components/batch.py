@@ -10,8 +10,9 @@ import pandas as pd
 
 from components.calibrate import refuse_uncalibrated
 from components.errors import DataError, TumorScopeError
-from components.imaging import IMAGE_SUFFIXES, list_images, read_slice
+from components.imaging import IMAGE_SUFFIXES, read_slice
 from components.model import Classifier
+from components.scans import has_dicom_preamble
 
 BATCH = 64
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".zip")  # NIfTI volumes and zipped DICOM series
@@ -36,42 +37,40 @@ def _is_volume(path: Path) -> bool:
     return path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    """A DICOM file in a folder, whatever its name (exports often have none): the suffix, or the Part 10 preamble."""
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with path.open("rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+class Inputs(NamedTuple):
+    """What the inputs hold: slices, volume files (NIfTI, zipped series, DICOM files named alone), and the DICOM
+    files found in each folder, read a series at a time."""
+
+    slices: list[Path]
+    volumes: list[Path]
+    series_folders: dict[Path, list[Path]]
 
 
-def dicom_in(folder: Path) -> list[Path]:
-    """The DICOM files under a folder: slices of series, predicted a series at a time (``series_rows``)."""
-    return [
-        p
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and not _is_volume(p) and _looks_like_dicom(p)
-    ]
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() == ".dcm" or has_dicom_preamble(path)
 
 
-def expand(inputs: list[Path]) -> list[Path]:
-    """Slices and volume files; a folder holding DICOM files stands for its series (``dicom_in``)."""
-    files = []
+def expand(inputs: list[Path]) -> Inputs:
+    """Each folder is listed once; DICOM files are found whatever their names (exports often have none)."""
+    found = Inputs([], [], {})
     for path in inputs:
         if path.is_dir():
-            files += list_images(path) + sorted(p for p in path.rglob("*") if p.is_file() and _is_volume(p))
-            files += [path] if dicom_in(path) else []
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            found.slices.extend(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+            found.volumes.extend(p for p in files if _is_volume(p))
+            dicom = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES and not _is_volume(p) and _is_dicom(p)]
+            found.series_folders.update({path: dicom} if dicom else {})
         elif not path.exists():
             raise DataError(path, "not found")
-        elif path.suffix.lower() in IMAGE_SUFFIXES or _is_volume(path) or _looks_like_dicom(path):
-            files.append(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            found.slices.append(path)
+        elif _is_volume(path) or _is_dicom(path):
+            found.volumes.append(path)
         else:
             raise DataError(path, "not an image (png, jpg, tif), a NIfTI volume (.nii, .nii.gz), DICOM (.dcm, .zip) or a folder")
-    if not files:
+    if not (found.slices or found.volumes or found.series_folders):
         raise TumorScopeError("no images found in the given inputs")
-    return files
+    return found
 
 
 def _rows(classifier: Classifier, names: list[str], images: list[np.ndarray]) -> pd.DataFrame:
@@ -93,9 +92,9 @@ def volume_rows(classifier: Classifier, path: Path) -> pd.DataFrame:
     return scan_rows(classifier, str(path), read_scan(path, get_settings().secret_key(), name=str(path)))
 
 
-def series_rows(classifier: Classifier, folder: Path, unreadable: list[DataError]) -> list[pd.DataFrame]:
-    """Each DICOM series under a folder (grouped by series UID, as ingestion does), named
-    ``<folder>#series<SeriesNumber>``; files and series that cannot be used join ``unreadable``."""
+def series_rows(classifier: Classifier, folder: Path, dicom: list[Path], unreadable: list[DataError]) -> list[pd.DataFrame]:
+    """Each DICOM series among a folder's DICOM files (grouped by series UID, as ingestion does), named
+    ``<folder of its first file>#series<SeriesNumber>``; files and series that cannot be used join ``unreadable``."""
     import tempfile
 
     from components.dicom import read_series
@@ -103,7 +102,7 @@ def series_rows(classifier: Classifier, folder: Path, unreadable: list[DataError
     from components.settings import get_settings
 
     with tempfile.TemporaryDirectory(prefix="tumorscope-dicom-") as staging:  # the DICOM files alone, not the folder's PNGs
-        for path in dicom_in(folder):
+        for path in dicom:
             link = Path(staging) / path.relative_to(folder)
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(path)
@@ -152,9 +151,7 @@ def predict_files(inputs: list[Path], model: str = "champion") -> BatchPredictio
     from rich.progress import track
 
     classifier = load_classifier(model)
-    files = expand(inputs)
-    slices = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-    volumes = [f for f in files if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES]
+    slices, volumes, series_folders = expand(inputs)
     unreadable: list[DataError] = []
     chunks = [slices[start : start + BATCH] for start in range(0, len(slices), BATCH)]
     parts = [_chunk_rows(classifier, chunk, unreadable) for chunk in track(chunks, description="predicting")]
@@ -163,8 +160,8 @@ def predict_files(inputs: list[Path], model: str = "champion") -> BatchPredictio
             parts.append(volume_rows(classifier, path))
         except TumorScopeError as exc:
             unreadable.append(exc if isinstance(exc, DataError) else DataError(path, str(exc)))
-    for folder in (f for f in files if f.is_dir()):
-        parts += series_rows(classifier, folder, unreadable)
+    for folder, dicom in series_folders.items():
+        parts += series_rows(classifier, folder, dicom, unreadable)
     rows = pd.concat(parts, ignore_index=True) if parts else _rows(classifier, [], [])
     return BatchPrediction(rows, unreadable)
 

@@ -30,6 +30,7 @@ from components.dedup import duplicate_groups, label_conflicts, thumbnail
 from components.errors import DataError
 from components.imaging import IMAGE_SUFFIXES, code_version, file_signature, list_images, portable_path, read_slice, slice_stats
 from components.privacy import pseudonym
+from components.scans import has_dicom_preamble
 from components.settings import get_settings
 from components.stage import track
 
@@ -313,18 +314,9 @@ def detect_format(root: Path) -> str:
     files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
     if any(p.name.lower().endswith((".nii", ".nii.gz")) for p in files) and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
         return "nifti"
-    if files and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files) and any(_looks_like_dicom(p) for p in files[:50]):
+    if files and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files) and any(has_dicom_preamble(p) for p in files[:50]):
         return "dicom"
     return "folders"
-
-
-def _looks_like_dicom(path: Path) -> bool:
-    """The DICOM Part 10 preamble: 128 bytes, then 'DICM'."""
-    try:
-        with path.open("rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
 
 
 def _label_from_mask(entry: Entry) -> str:

@@ -41,6 +41,15 @@ def _is_nifti_header(head: bytes) -> bool:
     return len(head) >= 4 and any(int.from_bytes(head[:4], order) in NIFTI_HEADER_SIZES for order in ("little", "big"))
 
 
+def has_dicom_preamble(path: Path) -> bool:
+    """A DICOM Part 10 file (128 bytes, then 'DICM'): how DICOM files are found whatever their names."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def sniff(data: bytes, name: str = "upload") -> str:
     """The kind of a file from its first bytes (a gzip is opened far enough to see a NIfTI header)."""
     if data[128:132] == b"DICM" or data.startswith(ZIP_MAGIC):  # first: a DICOM preamble may hold a TIFF header

@@ -48,8 +48,8 @@ def check_drift(workdir: str, prediction_log: str | None = None, cooldown_hours:
 
 
 def retraining_slot() -> None:
-    """The Prefect global concurrency limit that lets one retraining run at a time per workspace (DVC's
-    lock would fail the second one); created with one slot on first use."""
+    """The Prefect global concurrency limit that queues retrainings one at a time (the training flow's workspace
+    lock would refuse a second one outright; this makes it wait); created with one slot on first use."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectNotFound
