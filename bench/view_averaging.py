@@ -87,19 +87,15 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     return float(-np.mean(log_softmax(logits / temperature, axis=1)[np.arange(len(labels)), labels]))
 
 
-def fitted_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature (0.3-3, on a log grid) that minimises the NLL of these logits."""
-    grid = np.exp(np.linspace(np.log(0.3), np.log(3.0), 61))
-    return float(grid[int(np.argmin([nll(logits, labels, t) for t in grid]))])
-
-
 def compared(parts: dict[str, tuple[dict[str, np.ndarray], np.ndarray]]) -> pd.DataFrame:
     """Accuracy, errors and NLL of each view set on each part; the temperature is fitted on 'val'."""
+    from components.model import fit_temperature
+
     rows = []
     for name, members in VIEW_SETS.items():
         row: dict[str, object] = {"views": name}
         averaged = {part: np.mean([logits[m] for m in members], axis=0) for part, (logits, _) in parts.items()}
-        temperature = fitted_temperature(averaged["val"], parts["val"][1])
+        temperature = fit_temperature(averaged["val"], parts["val"][1])  # the calibrate stage's own fit
         for part, (_, labels) in parts.items():
             wrong = averaged[part].argmax(1) != labels
             row |= {
