@@ -83,11 +83,25 @@ def subgroup_gap(labelled: pd.DataFrame, config: MonitorConfig) -> tuple[float |
 
 
 def in_cooldown(history: list[dict], config: MonitorConfig, now: datetime) -> str | None:
-    """Why retraining must wait, if a retraining decision was taken less than the cooldown ago."""
-    triggered = [datetime.fromisoformat(entry["time"]) for entry in history if entry.get("retrain")]
-    if triggered and now - max(triggered) < timedelta(hours=config.cooldown_hours):
-        return f"cooldown: the last retraining decision was at {max(triggered).isoformat()} (cooldown {config.cooldown_hours} h)"
+    """Why retraining must wait, if a retraining reached the gate less than the cooldown ago. A decision alone does
+    not count: one checked with ``--no-retrain``, refused by a busy workspace or stopped by a failed stage leaves
+    the drift unanswered, so the next check must be free to decide again."""
+    retrained = [datetime.fromisoformat(entry["time"]) for entry in history if entry.get("retrained")]
+    if retrained and now - max(retrained) < timedelta(hours=config.cooldown_hours):
+        return f"cooldown: the last retraining was at {max(retrained).isoformat()} (cooldown {config.cooldown_hours} h)"
     return None
+
+
+def record_retraining(report_dir: Path, gate: dict | None) -> None:
+    """Append a retraining's outcome to the decision history (``gate``: the gate's report; None if it did not end
+    there). The entry carries versions and the verdict only: a failure's message can name a file, so it stays in
+    the flow run's log."""
+    entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "retrained": gate is not None}
+    if gate is not None:
+        entry |= {"candidate_version": gate.get("candidate_version"), "promoted": bool(gate.get("promoted"))}
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with (report_dir / HISTORY_FILE).open("a") as history:
+        history.write(json.dumps(entry) + "\n")
 
 
 def _present(columns: list[str], reference: pd.DataFrame, current: pd.DataFrame, min_known: float = 0.8) -> list[str]:

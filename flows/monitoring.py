@@ -21,7 +21,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.states import Failed
 
-from components.monitor import COOLDOWN_OVERRIDE
+from components.config import load_params
+from components.monitor import COOLDOWN_OVERRIDE, record_retraining
 from components.stage import ERROR_MARK
 from flows.training import stage_env, training
 
@@ -61,6 +62,12 @@ def retraining_slot() -> None:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=RETRAINING_LIMIT, limit=1))
 
 
+def history_dir(workdir: str) -> Path:
+    """Where the drift check keeps its decision history (``monitor.report_dir``, relative to the workspace)."""
+    root = Path(workdir)
+    return root / load_params(root / "params.yaml").monitor.report_dir
+
+
 @task(task_run_name="reload-service", retries=2, retry_delay_seconds=5)
 def reload_service(service_url: str) -> dict:
     """Ask the running endpoint to serve the newest packaged model (no restart, no downtime)."""
@@ -95,9 +102,11 @@ def monitoring(
         retraining_slot()
         with concurrency(RETRAINING_LIMIT, occupy=1, strict=True, timeout_seconds=3600):
             state = training(workdir=workdir, force_from="train", return_state=True)
-        if state.is_failed():
+        summary = None if state.is_failed() else state.result()
+        record_retraining(history_dir(workdir), (summary or {}).get("gate"))
+        if summary is None:
             return Failed(message=f"retraining failed: {state.message}")
-        decision["training"] = state.result()
+        decision["training"] = summary
         decision["retrained"] = True
         service_url = service_url or os.environ.get("TUMORSCOPE_SERVICE_URL")
         if service_url and (decision["training"].get("gate") or {}).get("promoted"):

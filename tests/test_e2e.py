@@ -278,6 +278,7 @@ def _send_cohort(url: str, folder: Path, count: int, feedback: bool = False) -> 
 def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: str, tmp_path: Path):
     from components.config import SynthConfig
     from components.synth import run as synthesise
+    from flows.training import workspace_lock
 
     synthesise(SynthConfig(out=tmp_path / "same", subjects=40, slices_per_subject=1, image_size=64, seed=101))
     synthesise(SynthConfig(out=tmp_path / "shifted", subjects=24, image_size=64, seed=102, shift="scanner"))
@@ -292,7 +293,11 @@ def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: 
 
     test_before = set(pd.read_csv(workspace / "data" / "split.csv").query("split == 'test'")["image_id"])
     _send_cohort(endpoint, tmp_path / "shifted", 40, feedback=True)
-    drifted = tumorscope(workspace, "monitor", "--service-url", endpoint)
+    with workspace_lock(workspace):  # a manual run holds the workspace: the retraining it calls for is refused
+        busy = tumorscope(workspace, "monitor", "--service-url", endpoint)
+    assert busy.returncode == 2 and "retraining failed: another pipeline run is using" in busy.stderr, busy.stderr[-2000:]
+    assert read(workspace, "gate.json")["candidate_version"] == version_before
+    drifted = tumorscope(workspace, "monitor", "--service-url", endpoint)  # no cooldown: nothing was retrained
     assert drifted.returncode == 0, drifted.stdout[-3000:] + drifted.stderr[-3000:]
     assert "retrained" in drifted.stdout
     decision = json.loads((workspace / "reports" / "monitoring" / "decision.json").read_text())

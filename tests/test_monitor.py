@@ -1,3 +1,4 @@
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -5,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import MonitorConfig
-from components.monitor import CATEGORICAL, NUMERICAL, decide
+from components.monitor import CATEGORICAL, NUMERICAL, decide, in_cooldown, record_retraining
 
 
 def _records(rng, n: int, shift: float = 0.0) -> pd.DataFrame:
@@ -40,12 +41,29 @@ def test_too_few_predictions_decide_nothing(tmp_path: Path):
 def test_cooldown_holds_back_a_second_retraining(tmp_path: Path):
     rng = np.random.default_rng(2)
     now = datetime(2026, 6, 1, 12, tzinfo=UTC)
-    recent = [{"time": (now - timedelta(hours=1)).isoformat(), "retrain": True}]
-    old = [{"time": (now - timedelta(hours=7)).isoformat(), "retrain": True}]
+    recent = [{"time": (now - timedelta(hours=1)).isoformat(), "retrained": True}]
+    old = [{"time": (now - timedelta(hours=7)).isoformat(), "retrained": True}]
     reference, shifted = _records(rng, 300), _records(rng, 100, shift=0.2)
     held = decide(_config(tmp_path, cooldown_hours=6), reference, shifted, history=recent, now=now)
     assert not held.retrain and any(r.startswith("cooldown") for r in held.reasons)
     assert decide(_config(tmp_path, cooldown_hours=6), reference, shifted, history=old, now=now).retrain
+
+
+def test_only_a_retraining_that_reached_the_gate_starts_the_cooldown(tmp_path: Path):
+    """A decision whose retraining never ran (--no-retrain, a busy workspace, a failed stage) must not silence the
+    next check for cooldown_hours: the drift would go unanswered."""
+    history_file = tmp_path / "decisions.jsonl"
+    config = _config(tmp_path, cooldown_hours=6)
+    decided = {"time": datetime.now(UTC).isoformat(), "retrain": True, "reasons": ["drift"], "samples": 100}
+    history_file.write_text(json.dumps(decided) + "\n")
+    record_retraining(tmp_path, gate=None)  # the training flow failed or was refused
+    history = [json.loads(line) for line in history_file.read_text().splitlines()]
+    assert history[-1]["retrained"] is False and in_cooldown(history, config, datetime.now(UTC)) is None
+
+    record_retraining(tmp_path, gate={"candidate_version": "7", "promoted": True, "reasons": ["/data/Doe_Jane.png"]})
+    history = [json.loads(line) for line in history_file.read_text().splitlines()]
+    assert history[-1] == {"time": history[-1]["time"], "retrained": True, "candidate_version": "7", "promoted": True}
+    assert in_cooldown(history, config, datetime.now(UTC)).startswith("cooldown: the last retraining was at")
 
 
 def test_quality_drop_on_feedback_retrains_without_drift(tmp_path: Path):
