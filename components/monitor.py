@@ -31,6 +31,8 @@ DECISION_FILE, HISTORY_FILE = "decision.json", "decisions.jsonl"
 METRICS_FILE = Path("reports/metrics.json")
 COOLDOWN_OVERRIDE = "TUMORSCOPE_MONITOR_COOLDOWN_HOURS"
 WORKSPACE, DRIFT_PROJECT, QUALITY_PROJECT = "evidently-workspace", "tumorscope-monitoring", "tumorscope-quality"
+GATE_REACHED, FAILED, WORKSPACE_BUSY = "reached the gate", "failed", "workspace busy"  # a retraining's outcomes
+RAN = (GATE_REACHED, FAILED)  # outcomes that start the cooldown
 
 
 @dataclass
@@ -83,20 +85,28 @@ def subgroup_gap(labelled: pd.DataFrame, config: MonitorConfig) -> tuple[float |
 
 
 def in_cooldown(history: list[dict], config: MonitorConfig, now: datetime) -> str | None:
-    """Why retraining must wait, if a retraining reached the gate less than the cooldown ago. A decision alone does
-    not count: one checked with ``--no-retrain``, refused by a busy workspace or stopped by a failed stage leaves
-    the drift unanswered, so the next check must be free to decide again."""
-    retrained = [datetime.fromisoformat(entry["time"]) for entry in history if entry.get("retrained")]
-    if retrained and now - max(retrained) < timedelta(hours=config.cooldown_hours):
-        return f"cooldown: the last retraining was at {max(retrained).isoformat()} (cooldown {config.cooldown_hours} h)"
+    """Why retraining must wait: a retraining ran to an end (the gate, or a failed stage) less than the cooldown
+    ago. A decision alone does not count, nor a retraining refused by a busy workspace: the drift is still
+    unanswered, so the next check must be free to decide again. A failure does count, so that a stage that fails
+    every time is not rerun every hour; its flow run says why."""
+    ended = [datetime.fromisoformat(entry["time"]) for entry in history if entry.get("retraining") in RAN]
+    if ended and now - max(ended) < timedelta(hours=config.cooldown_hours):
+        return f"cooldown: the last retraining ended at {max(ended).isoformat()} (cooldown {config.cooldown_hours} h)"
     return None
 
 
-def record_retraining(report_dir: Path, gate: dict | None) -> None:
-    """Append a retraining's outcome to the decision history (``gate``: the gate's report; None if it did not end
-    there). The entry carries versions and the verdict only: a failure's message can name a file, so it stays in
-    the flow run's log."""
-    entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "retrained": gate is not None}
+def retraining_since(report_dir: Path, decided: str) -> str | None:
+    """When a retraining ended after the decision taken at ``decided``: a check queued behind a running retraining
+    has then had its answer (both saw the same drift)."""
+    later = [entry["time"] for entry in _history(report_dir) if entry.get("retraining") in RAN]
+    later = [time for time in later if datetime.fromisoformat(time) >= datetime.fromisoformat(decided)]
+    return max(later) if later else None
+
+
+def record_retraining(report_dir: Path, outcome: str, gate: dict | None = None) -> None:
+    """Append a retraining's outcome (GATE_REACHED, FAILED or WORKSPACE_BUSY) to the decision history, with the
+    gate's versions and verdict. A failure's message can name a file, so it stays in the flow run's log."""
+    entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "retraining": outcome}
     if gate is not None:
         entry |= {"candidate_version": gate.get("candidate_version"), "promoted": bool(gate.get("promoted"))}
     report_dir.mkdir(parents=True, exist_ok=True)

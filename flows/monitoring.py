@@ -19,15 +19,29 @@ import sys
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.states import Failed
+from prefect.states import Failed, State
 
 from components.config import load_params
-from components.monitor import COOLDOWN_OVERRIDE, record_retraining
+from components.monitor import (
+    COOLDOWN_OVERRIDE,
+    DECISION_FILE,
+    FAILED,
+    GATE_REACHED,
+    WORKSPACE_BUSY,
+    record_retraining,
+    retraining_since,
+)
 from components.stage import ERROR_MARK
-from flows.training import stage_env, training
+from flows.training import BUSY, stage_env, training
 
 DEFAULT_CRON = "0 * * * *"
 RETRAINING_LIMIT = "tumorscope-retraining"
+
+
+def monitoring_dir(workdir: str) -> Path:
+    """Where the drift check writes its decision and history (``monitor.report_dir``, relative to the workspace)."""
+    root = Path(workdir)
+    return root / load_params(root / "params.yaml").monitor.report_dir
 
 
 @task(task_run_name="drift-check")
@@ -44,8 +58,7 @@ def check_drift(workdir: str, prediction_log: str | None = None, cooldown_hours:
         if not errors:
             raise RuntimeError(f"drift check crashed:\n{process.stderr[-2000:]}")
         return {"error": "\n".join(errors)}
-    report_dir = Path(workdir) / "reports" / "monitoring"
-    return json.loads((report_dir / "decision.json").read_text())
+    return json.loads((monitoring_dir(workdir) / DECISION_FILE).read_text())
 
 
 def retraining_slot() -> None:
@@ -60,12 +73,6 @@ def retraining_slot() -> None:
             client.read_global_concurrency_limit_by_name(RETRAINING_LIMIT)
         except ObjectNotFound:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=RETRAINING_LIMIT, limit=1))
-
-
-def history_dir(workdir: str) -> Path:
-    """Where the drift check keeps its decision history (``monitor.report_dir``, relative to the workspace)."""
-    root = Path(workdir)
-    return root / load_params(root / "params.yaml").monitor.report_dir
 
 
 @task(task_run_name="reload-service", retries=2, retry_delay_seconds=5)
@@ -91,27 +98,41 @@ def monitoring(
 ) -> dict:
     """Check; when the decision says retrain: the training flow (new feedback labels become a new data version,
     the model is retrained, the gate decides), then the endpoint reloads if a new champion was packaged."""
-    from prefect.concurrency.sync import concurrency
-
     decision = check_drift(workdir, prediction_log, cooldown_hours)
     if "error" in decision:
         return Failed(message=f"monitoring: {decision['error']}")
     decision["retrained"] = False
     if decision["retrain"] and retrain:
         print("retraining: " + "; ".join(decision["reasons"]))
-        retraining_slot()
-        with concurrency(RETRAINING_LIMIT, occupy=1, strict=True, timeout_seconds=3600):
-            state = training(workdir=workdir, force_from="train", return_state=True)
-        summary = None if state.is_failed() else state.result()
-        record_retraining(history_dir(workdir), (summary or {}).get("gate"))
-        if summary is None:
-            return Failed(message=f"retraining failed: {state.message}")
-        decision["training"] = summary
-        decision["retrained"] = True
+        failed = retrain_for(decision, workdir)
+        if failed:
+            return failed
         service_url = service_url or os.environ.get("TUMORSCOPE_SERVICE_URL")
-        if service_url and (decision["training"].get("gate") or {}).get("promoted"):
+        if decision["retrained"] and service_url and (decision["training"].get("gate") or {}).get("promoted"):
             decision["service"] = reload_service(service_url)
     return decision
+
+
+def retrain_for(decision: dict, workdir: str) -> State | None:
+    """The training flow for one decision, one retraining at a time; its outcome goes into the decision history,
+    which the cooldown reads. Sets ``decision['retrained']`` and ``['training']``; a failure comes back as a state."""
+    from prefect.concurrency.sync import concurrency
+
+    retraining_slot()
+    with concurrency(RETRAINING_LIMIT, occupy=1, strict=True, timeout_seconds=3600):
+        answered = retraining_since(monitoring_dir(workdir), decision["time"])
+        if answered:  # this check waited for the slot behind a retraining that saw the same drift
+            decision["reasons"].append(f"a retraining ended at {answered}, after this decision: not retraining again")
+            return None
+        state = training(workdir=workdir, force_from="train", return_state=True)
+    if state.is_failed():
+        busy = (state.message or "").startswith(BUSY)
+        record_retraining(monitoring_dir(workdir), WORKSPACE_BUSY if busy else FAILED)
+        return Failed(message=f"retraining failed: {state.message}")
+    decision["training"] = state.result()
+    decision["retrained"] = True
+    record_retraining(monitoring_dir(workdir), GATE_REACHED, decision["training"].get("gate"))
+    return None
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from components.stage import ERROR_MARK
 STAGES = ("synth", "feedback", "ingest", "validate", "split", "features", "classical", "pretrain_set", "pretrain", "train", "calibrate", "train_volumes",
           "evaluate", "register", "package")  # fmt: skip
 SKIPPED_MARK = "didn't change, skipping"
+BUSY = "another pipeline run is using"  # how a run refused by the workspace lock fails
 
 
 def stage_env(workdir: Path) -> dict[str, str]:
@@ -168,7 +169,7 @@ def training(workdir: str = ".", force_from: str | None = None, push_to: str | N
     forced = stages[stages.index(force_from) :] if force_from else []
     with workspace_lock(root) as holder:
         if holder:
-            return Failed(message=f"another pipeline run is using {root} ({holder}): wait for it to end, or stop it")
+            return Failed(message=f"{BUSY} {root} ({holder}): wait for it to end, or stop it")
         results = []
         for stage in stages:
             results.append(run_stage(stage, str(root), force=stage in forced))

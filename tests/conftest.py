@@ -28,62 +28,14 @@ QUICK_REPORTS = {
 }
 
 
-def workspace_env(root: Path, test_prefect_server: bool = True) -> dict[str, str]:
-    """The environment a user has in ``root``: tool homes inside it, the venv on PATH. Its flows report to this
-    test process's Prefect server; without ``test_prefect_server`` they run in Prefect's ephemeral mode, the
-    README's default, where each run starts its own server and migrates a new database: about 12 s of the 2 cores
-    a run, which the end-to-end fixture keeps paying so that the default stays tested."""
+def workspace_env(root: Path) -> dict[str, str]:
+    """The environment a user has in ``root``: tool homes inside it, the venv on PATH."""
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in TOOL_HOMES}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["TUMORSCOPE_PREDICTION_LOG"] = str(root / "data" / "predictions.sqlite")
-    if test_prefect_server:
-        env["PREFECT_API_URL"] = prefect_server()
     return env
-
-
-_PREFECT_SERVER: list = []
-
-
-def prefect_server() -> str:
-    """A real ``prefect server start`` on 127.0.0.1 for this test process (one per xdist worker), started on first
-    use and stopped when the process exits; its database lives in a temporary folder."""
-    import atexit
-    import socket
-    import sys
-    import tempfile
-    import time
-
-    import httpx
-
-    if _PREFECT_SERVER:
-        return _PREFECT_SERVER[0]
-    home = Path(tempfile.mkdtemp(prefix="tumorscope-test-prefect-"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in TOOL_HOMES} | {"PREFECT_HOME": str(home)}
-    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(command, env=env, stdout=(home / "server.log").open("w"), stderr=subprocess.STDOUT)
-
-    def stop() -> None:
-        server.terminate()
-        server.wait(30)
-        shutil.rmtree(home, ignore_errors=True)
-
-    atexit.register(stop)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                _PREFECT_SERVER.append(url)
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the tests' Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
 
 
 def shared_data(relative: str) -> Path:

@@ -117,7 +117,7 @@ def start_endpoint(folder: Path, extra_env: dict[str, str] | None = None, worker
     keys = {name: store.create(f"test-{name}", scopes) for name, scopes in SCOPES.items()}
     key_ids = {name: key.split("_")[1] for name, key in keys.items()}
     port = free_port()
-    env = workspace_env(folder, test_prefect_server=False) | {  # serving runs no flow
+    env = workspace_env(folder) | {
         "BENTOML_HOME": str(bento_home),
         "TUMORSCOPE_PREDICTION_LOG": str(folder / "predictions.sqlite"),
         "TUMORSCOPE_API_KEYS": str(folder / "api_keys.json"),

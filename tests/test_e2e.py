@@ -38,10 +38,9 @@ TINY = QUICK_REPORTS | {
 }
 
 
-def tumorscope(root: Path, *args: str, test_prefect_server: bool = True) -> subprocess.CompletedProcess:
+def tumorscope(root: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "components.cli", *args, "--workdir", str(root)]
-    env = workspace_env(root, test_prefect_server)
-    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, cwd=root, env=workspace_env(root), capture_output=True, text=True, timeout=900)
 
 
 def dvc(root: Path, *args: str) -> str:
@@ -53,7 +52,7 @@ def dvc(root: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = make_workspace(tmp_path_factory.mktemp("workspace"), TINY)
-    result = tumorscope(root, "run", test_prefect_server=False)  # the README's main command as a user runs it
+    result = tumorscope(root, "run")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root
 
@@ -276,6 +275,10 @@ def _send_cohort(url: str, folder: Path, count: int, feedback: bool = False) -> 
             assert labelled.status_code == 200
 
 
+def _last_decision_entry(root: Path) -> dict:
+    return json.loads((root / "reports" / "monitoring" / "decisions.jsonl").read_text().splitlines()[-1])
+
+
 def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: str, tmp_path: Path):
     from components.config import SynthConfig
     from components.synth import run as synthesise
@@ -298,6 +301,7 @@ def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: 
         busy = tumorscope(workspace, "monitor", "--service-url", endpoint)
     assert busy.returncode == 2 and "retraining failed: another pipeline run is using" in busy.stderr, busy.stderr[-2000:]
     assert read(workspace, "gate.json")["candidate_version"] == version_before
+    assert _last_decision_entry(workspace)["retraining"] == "workspace busy"
     drifted = tumorscope(workspace, "monitor", "--service-url", endpoint)  # no cooldown: nothing was retrained
     assert drifted.returncode == 0, drifted.stdout[-3000:] + drifted.stderr[-3000:]
     assert "retrained" in drifted.stdout
@@ -309,6 +313,8 @@ def test_monitoring_retrains_on_shifted_traffic_only(workspace: Path, endpoint: 
         assert (workspace / "reports" / "monitoring" / report).stat().st_size > 10_000
     gate = read(workspace, "gate.json")
     assert int(gate["candidate_version"]) > int(version_before) and gate["promoted"]
+    ended = _last_decision_entry(workspace)  # what the next check's cooldown reads
+    assert ended["retraining"] == "reached the gate" and ended["candidate_version"] == gate["candidate_version"]
     # the labelled traffic became a new data version, used for training only: the test split did not move
     with sqlite3.connect(workspace / "data" / "predictions.sqlite") as db:
         labelled = db.execute("SELECT COUNT(*) FROM predictions WHERE feedback_label IS NOT NULL").fetchone()[0]

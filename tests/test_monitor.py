@@ -6,7 +6,17 @@ import numpy as np
 import pandas as pd
 
 from components.config import MonitorConfig
-from components.monitor import CATEGORICAL, NUMERICAL, decide, in_cooldown, record_retraining
+from components.monitor import (
+    CATEGORICAL,
+    FAILED,
+    GATE_REACHED,
+    NUMERICAL,
+    WORKSPACE_BUSY,
+    decide,
+    in_cooldown,
+    record_retraining,
+    retraining_since,
+)
 
 
 def _records(rng, n: int, shift: float = 0.0) -> pd.DataFrame:
@@ -41,29 +51,43 @@ def test_too_few_predictions_decide_nothing(tmp_path: Path):
 def test_cooldown_holds_back_a_second_retraining(tmp_path: Path):
     rng = np.random.default_rng(2)
     now = datetime(2026, 6, 1, 12, tzinfo=UTC)
-    recent = [{"time": (now - timedelta(hours=1)).isoformat(), "retrained": True}]
-    old = [{"time": (now - timedelta(hours=7)).isoformat(), "retrained": True}]
+    recent = [{"time": (now - timedelta(hours=1)).isoformat(), "retraining": GATE_REACHED}]
+    old = [{"time": (now - timedelta(hours=7)).isoformat(), "retraining": GATE_REACHED}]
     reference, shifted = _records(rng, 300), _records(rng, 100, shift=0.2)
     held = decide(_config(tmp_path, cooldown_hours=6), reference, shifted, history=recent, now=now)
     assert not held.retrain and any(r.startswith("cooldown") for r in held.reasons)
     assert decide(_config(tmp_path, cooldown_hours=6), reference, shifted, history=old, now=now).retrain
 
 
-def test_only_a_retraining_that_reached_the_gate_starts_the_cooldown(tmp_path: Path):
-    """A decision whose retraining never ran (--no-retrain, a busy workspace, a failed stage) must not silence the
-    next check for cooldown_hours: the drift would go unanswered."""
-    history_file = tmp_path / "decisions.jsonl"
-    config = _config(tmp_path, cooldown_hours=6)
-    decided = {"time": datetime.now(UTC).isoformat(), "retrain": True, "reasons": ["drift"], "samples": 100}
-    history_file.write_text(json.dumps(decided) + "\n")
-    record_retraining(tmp_path, gate=None)  # the training flow failed or was refused
-    history = [json.loads(line) for line in history_file.read_text().splitlines()]
-    assert history[-1]["retrained"] is False and in_cooldown(history, config, datetime.now(UTC)) is None
+def _history(report_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (report_dir / "decisions.jsonl").read_text().splitlines()]
 
-    record_retraining(tmp_path, gate={"candidate_version": "7", "promoted": True, "reasons": ["/data/Doe_Jane.png"]})
-    history = [json.loads(line) for line in history_file.read_text().splitlines()]
-    assert history[-1] == {"time": history[-1]["time"], "retrained": True, "candidate_version": "7", "promoted": True}
-    assert in_cooldown(history, config, datetime.now(UTC)).startswith("cooldown: the last retraining was at")
+
+def test_a_decision_or_a_refused_retraining_starts_no_cooldown_an_ended_one_does(tmp_path: Path):
+    """A decision whose retraining never ran (--no-retrain, or refused by another run holding the workspace) must
+    not silence the next check: the drift would go unanswered for cooldown_hours."""
+    config, now = _config(tmp_path, cooldown_hours=6), datetime.now(UTC)
+    decided = {"time": now.isoformat(), "retrain": True, "reasons": ["drift"], "samples": 100}
+    (tmp_path / "decisions.jsonl").write_text(json.dumps(decided) + "\n")
+    record_retraining(tmp_path, WORKSPACE_BUSY)
+    assert _history(tmp_path)[-1]["retraining"] == WORKSPACE_BUSY and in_cooldown(_history(tmp_path), config, now) is None
+
+    record_retraining(tmp_path, FAILED)  # a stage that fails every time is not rerun every hour
+    assert in_cooldown(_history(tmp_path), config, now).startswith("cooldown: the last retraining ended at")
+
+    record_retraining(tmp_path, GATE_REACHED, gate={"candidate_version": "7", "promoted": True, "reasons": ["/data/Doe_Jane.png"]})
+    entry = _history(tmp_path)[-1]
+    assert entry == {"time": entry["time"], "retraining": GATE_REACHED, "candidate_version": "7", "promoted": True}
+
+
+def test_a_check_queued_behind_a_retraining_of_the_same_drift_does_not_retrain_again(tmp_path: Path):
+    decided = datetime.now(UTC) - timedelta(minutes=40)
+    assert retraining_since(tmp_path, decided.isoformat()) is None
+    record_retraining(tmp_path, WORKSPACE_BUSY)
+    assert retraining_since(tmp_path, decided.isoformat()) is None, "a refused retraining answered nothing"
+    record_retraining(tmp_path, GATE_REACHED, gate={"candidate_version": "3", "promoted": False})
+    assert retraining_since(tmp_path, decided.isoformat()) == _history(tmp_path)[-1]["time"]
+    assert retraining_since(tmp_path, (datetime.now(UTC) + timedelta(minutes=1)).isoformat()) is None
 
 
 def test_quality_drop_on_feedback_retrains_without_drift(tmp_path: Path):

@@ -55,7 +55,7 @@ class Stack:
     def __init__(self, root: Path, state: Path) -> None:
         self.root, self.state = root, state
         self.env = {
-            **workspace_env(root, test_prefect_server=False),  # the stack's own Prefect server, nothing else
+            **workspace_env(root),
             "TUMORSCOPE_STACK_DIR": str(state),
             "TUMORSCOPE_STACK_PORT_BASE": str(_free_port_base()),
             "TUMORSCOPE_SCHEDULES": "paused",  # on demand only: an hourly run must not fire during the test
