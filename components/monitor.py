@@ -89,7 +89,7 @@ def in_cooldown(history: list[dict], config: MonitorConfig, now: datetime) -> st
     ago. A decision alone does not count, nor a retraining refused by a busy workspace: the drift is still
     unanswered, so the next check must be free to decide again. A failure does count, so that a stage that fails
     every time is not rerun every hour; its flow run says why."""
-    ended = [datetime.fromisoformat(entry["time"]) for entry in history if entry.get("retraining") in RAN]
+    ended = _ended(history)
     if ended and now - max(ended) < timedelta(hours=config.cooldown_hours):
         return f"cooldown: the last retraining ended at {max(ended).isoformat()} (cooldown {config.cooldown_hours} h)"
     return None
@@ -98,9 +98,13 @@ def in_cooldown(history: list[dict], config: MonitorConfig, now: datetime) -> st
 def retraining_since(report_dir: Path, decided: str) -> str | None:
     """When a retraining ended after the decision taken at ``decided``: a check queued behind a running retraining
     has then had its answer (both saw the same drift)."""
-    later = [entry["time"] for entry in _history(report_dir) if entry.get("retraining") in RAN]
-    later = [time for time in later if datetime.fromisoformat(time) >= datetime.fromisoformat(decided)]
-    return max(later) if later else None
+    later = [time for time in _ended(_history(report_dir)) if time >= datetime.fromisoformat(decided)]
+    return max(later).isoformat() if later else None
+
+
+def _ended(history: list[dict]) -> list[datetime]:
+    """When the retrainings in the history ended (at the gate or in a failed stage)."""
+    return [datetime.fromisoformat(entry["time"]) for entry in history if entry.get("retraining") in RAN]
 
 
 def record_retraining(report_dir: Path, outcome: str, gate: dict | None = None) -> None:
@@ -109,6 +113,10 @@ def record_retraining(report_dir: Path, outcome: str, gate: dict | None = None) 
     entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "retraining": outcome}
     if gate is not None:
         entry |= {"candidate_version": gate.get("candidate_version"), "promoted": bool(gate.get("promoted"))}
+    _append_history(report_dir, entry)
+
+
+def _append_history(report_dir: Path, entry: dict) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     with (report_dir / HISTORY_FILE).open("a") as history:
         history.write(json.dumps(entry) + "\n")
@@ -260,8 +268,7 @@ def run(config: MonitorConfig, prediction_log: Path | None = None, model_name: s
     decision.model_version = version
     config.report_dir.mkdir(parents=True, exist_ok=True)
     (config.report_dir / DECISION_FILE).write_text(json.dumps(asdict(decision), indent=2))
-    with (config.report_dir / HISTORY_FILE).open("a") as history:
-        history.write(json.dumps(asdict(decision)) + "\n")
+    _append_history(config.report_dir, asdict(decision))
     print(
         f"monitoring: {'RETRAIN' if decision.retrain else 'no retraining'} ({decision.samples} predictions): " + "; ".join(decision.reasons)
     )

@@ -118,20 +118,21 @@ def retrain_for(decision: dict, workdir: str) -> State | None:
     which the cooldown reads. Sets ``decision['retrained']`` and ``['training']``; a failure comes back as a state."""
     from prefect.concurrency.sync import concurrency
 
+    history = monitoring_dir(workdir)
     retraining_slot()
     with concurrency(RETRAINING_LIMIT, occupy=1, strict=True, timeout_seconds=3600):
-        answered = retraining_since(monitoring_dir(workdir), decision["time"])
+        answered = retraining_since(history, decision["time"])
         if answered:  # this check waited for the slot behind a retraining that saw the same drift
             decision["reasons"].append(f"a retraining ended at {answered}, after this decision: not retraining again")
             return None
         state = training(workdir=workdir, force_from="train", return_state=True)
     if state.is_failed():
         busy = (state.message or "").startswith(BUSY)
-        record_retraining(monitoring_dir(workdir), WORKSPACE_BUSY if busy else FAILED)
+        record_retraining(history, WORKSPACE_BUSY if busy else FAILED)
         return Failed(message=f"retraining failed: {state.message}")
     decision["training"] = state.result()
     decision["retrained"] = True
-    record_retraining(monitoring_dir(workdir), GATE_REACHED, decision["training"].get("gate"))
+    record_retraining(history, GATE_REACHED, decision["training"].get("gate"))
     return None
 
 
