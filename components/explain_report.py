@@ -11,6 +11,7 @@ shows here first.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,12 @@ def heatmap_agreement(classifier: Classifier, tumours: pd.DataFrame, folder: Pat
     return {name: float(np.nanmean(values)) if np.isfinite(values).any() else float("nan") for name, values in scores.items() if values}
 
 
+CURVE = re.compile(r"(train_loss|val_loss|val_auc|val_accuracy)(_\d+px)?")  # _<size>px: progressive resizing's early epochs
+
+
 def training_curves(run_id: str, path: Path) -> Path | None:
-    """Loss and validation metrics per epoch, from the run's metric history."""
+    """Loss and validation metrics per epoch, from the run's metric history, at the training step each epoch ended:
+    a series validated at an early, smaller size (``train._val_key``) ends where the full-size one begins."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,15 +63,16 @@ def training_curves(run_id: str, path: Path) -> Path | None:
     from components.settings import get_settings
 
     client = mlflow.MlflowClient(get_settings().tracking_uri)
-    histories = {name: client.get_metric_history(run_id, name) for name in ("train_loss", "val_loss", "val_auc", "val_accuracy")}
+    names = sorted(name for name in client.get_run(run_id).data.metrics if CURVE.fullmatch(name))
+    histories = {name: client.get_metric_history(run_id, name) for name in names}
     if not any(histories.values()):
         return None
     figure, (losses, scores) = plt.subplots(1, 2, figsize=(9, 3.5))
     for name, history in histories.items():
-        axis = losses if name.endswith("loss") else scores
-        axis.plot(range(1, len(history) + 1), [m.value for m in history], marker="o", markersize=3, label=name)
+        axis = losses if "loss" in name else scores
+        axis.plot([m.step for m in history], [m.value for m in history], marker="o", markersize=3, label=name)
     for axis, title in ((losses, "loss"), (scores, "validation")):
-        axis.set(xlabel="epoch", title=title)
+        axis.set(xlabel="training step (an epoch's end)", title=title)
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)

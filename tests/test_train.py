@@ -426,7 +426,8 @@ def test_a_time_cap_anneals_the_learning_rate_before_it_stops_training(tmp_path,
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == pytest.approx([config.learning_rate / 25 / 1e4])
 
 
-def test_progressive_resizing_trains_small_for_its_share_then_at_full_size_and_validates_at_full_size(tmp_path, monkeypatch, capsys):
+def test_progressive_resizing_trains_and_validates_small_for_its_share_and_keeps_a_full_size_epoch(tmp_path, monkeypatch, capsys):
+    import torch
     from pydantic import ValidationError
 
     from components.model import build_network
@@ -444,12 +445,17 @@ def test_progressive_resizing_trains_small_for_its_share_then_at_full_size_and_v
     split = _toy_split(tmp_path)
     config = TrainConfig(image_size=48, early_image_size=32, early_share=0.5, channels=[8, 8, 8, 8], epochs=4, threads=1)
     config, spec, weights, rows = _prepared(config, split[split["split"] != "test"])
-    _, trainer = _fit_network(config, spec.member, rows, weights, (0, 1))
+    _, trainer = _fit_network(config, spec.member, rows, weights, (0, 1), checkpoints=tmp_path / "checkpoints")
     trained_at = [size for training, size in seen if training]
     assert trainer.global_step == 4 and trained_at == [32, 32, 48, 48]
-    assert {size for training, size in seen if not training} == {48}, "validation (and the shipped network) at image_size"
+    assert {size for training, size in seen if not training} == {32, 48}
     output = capsys.readouterr().out
     assert "training batches at 32 px from step 1\n" in output and "training batches at 48 px from step 3\n" in output
+    epoch_lines = [line for line in output.splitlines() if line.startswith("epoch ")]  # each validated at its training size
+    assert [("val_loss_32px " in line, "val_loss " in line) for line in epoch_lines] == [(True, False)] * 2 + [(False, True)] * 2
+    # the epoch kept is picked on val_loss alone, which only full-size epochs log (a plain ModelCheckpoint refuses that)
+    kept = torch.load(trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=False)
+    assert kept["epoch"] >= 2 and trainer.checkpoint_callback.state_key.startswith("ModelCheckpoint{")
     with pytest.raises(ValidationError, match="early_image_size"):
         TrainConfig(image_size=48, early_image_size=48)
 
