@@ -240,8 +240,16 @@ def early_stopping(config: TrainConfig):
             return "EarlyStopping" + repr({"monitor": self.monitor, "mode": self.mode})
 
         def _run_early_stopping_check(self, trainer) -> None:
+            import torch
+
             self.too_early = trainer.current_epoch + 1 < first_epoch_to_stop
-            super()._run_early_stopping_check(trainer)
+            early = smaller_size_losses(trainer.callback_metrics, self.monitor)
+            if self.monitor in trainer.callback_metrics or not early:
+                return super()._run_early_stopping_check(trainer)  # strict: an epoch that logged no loss is an error
+            # an epoch validated at a smaller size is not compared with the full-size ones, but a diverged one stops
+            if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(early[0])), all=False):
+                trainer.should_stop, self.stopped_epoch = True, trainer.current_epoch
+                self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC
 
         def _evaluate_stopping_criteria(self, current):
             should_stop, reason = super()._evaluate_stopping_criteria(current)
@@ -250,23 +258,37 @@ def early_stopping(config: TrainConfig):
                 return False, None
             return should_stop, reason
 
-    return PatientEarlyStopping(monitor="val_loss", patience=config.patience, strict=False)  # none in early epochs: _val_key
+    return PatientEarlyStopping(monitor="val_loss", patience=config.patience)
+
+
+def smaller_size_losses(metrics: dict, monitor: str = "val_loss") -> list:
+    """The loss an epoch validated below ``image_size`` logged (``<monitor>_<size>px``, ``_val_key``); [] for others."""
+    return [value for name, value in metrics.items() if re.fullmatch(rf"{monitor}_\d+px", name)]
 
 
 def best_epoch_checkpoint(checkpoints: Path):
-    """Lightning's ModelCheckpoint on val_loss, the last epoch kept too, passing over the epochs that logged none:
-    progressive resizing's early ones, which validate under another name (``_val_key``)."""
+    """Lightning's ModelCheckpoint on val_loss, with two changes. It writes ``last.ckpt`` after every epoch: since
+    Lightning 2.6 it does so only after a new best, and a killed run would resume from its best epoch, not where it
+    stopped. And it passes over the epochs validated at a smaller size (``_val_key``): none of them is kept."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    class FullSizeCheckpoint(ModelCheckpoint):
+    class EveryEpochCheckpoint(ModelCheckpoint):
+        _last_saved_at = -1
+
         def _generate_state_key(self, **kwargs) -> str:  # Lightning's own key: a run interrupted before resumes here
             return f"ModelCheckpoint{kwargs!r}"
 
         def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
-            if self.monitor in monitor_candidates:
-                super()._save_topk_checkpoint(trainer, monitor_candidates)
+            if self.monitor in monitor_candidates or not smaller_size_losses(monitor_candidates, self.monitor):
+                super()._save_topk_checkpoint(trainer, monitor_candidates)  # no loss at all: Lightning's error
+            self._save_last_checkpoint(trainer, monitor_candidates)  # after the best: it is part of the state saved
 
-    return FullSizeCheckpoint(dirpath=checkpoints, monitor="val_loss", mode="min", save_last=True)
+        def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+            if self._last_saved_at != trainer.global_step:  # Lightning calls it again after a new best
+                self._last_saved_at = trainer.global_step
+                super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    return EveryEpochCheckpoint(dirpath=checkpoints, monitor="val_loss", mode="min", save_last=True)
 
 
 def rate_groups(named_parameters, learning_rate: float, slower: frozenset[str], factor: float) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,8 +137,9 @@ def test_the_one_cycle_schedule_goes_by_the_time_budget_when_time_runs_out_first
     assert halfway[4:] == torch_one_cycle[4:], "the steps further along than the time: the steps lead"
 
 
-def _stops_by_epoch(config: TrainConfig, val_losses: list[float]) -> list[bool]:
-    """Whether the stage's early stopping tells the Trainer to stop after each epoch of these validation losses."""
+def _stops_by_epoch(config: TrainConfig, val_losses: list[float | tuple[str, float]]) -> list[bool]:
+    """Whether the stage's early stopping tells the Trainer to stop after each epoch of these validation losses
+    (logged as val_loss, or under the name given with one)."""
     from types import SimpleNamespace
 
     import torch
@@ -146,9 +148,10 @@ def _stops_by_epoch(config: TrainConfig, val_losses: list[float]) -> list[bool]:
 
     callback = early_stopping(config)
     stops = []
-    for epoch, loss in enumerate(val_losses):
+    for epoch, logged in enumerate(val_losses):
+        name, loss = logged if isinstance(logged, tuple) else ("val_loss", logged)
         trainer = SimpleNamespace(
-            callback_metrics={"val_loss": torch.tensor(loss)}, fast_dev_run=False, should_stop=False, current_epoch=epoch,
+            callback_metrics={name: torch.tensor(loss)}, fast_dev_run=False, should_stop=False, current_epoch=epoch,
             strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
         )  # fmt: skip
         callback._run_early_stopping_check(trainer)
@@ -165,6 +168,44 @@ def test_early_stopping_waits_for_half_the_epochs_but_not_for_a_diverged_loss():
     assert _stops_by_epoch(config.model_copy(update={"patience": 5}), flat) == [False] * 5 + [True] * 3, "after half: patience alone"
     assert _stops_by_epoch(config, [1.0, float("nan")])[1], "a non-finite loss stops at once"
     assert not any(_stops_by_epoch(config, [1.0, 1.1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])), "a lull before half, then progress: no stop"
+    smaller = [("val_loss_32px", 0.1)] * 4  # progressive resizing's early epochs: not compared, so no patience is spent
+    assert _stops_by_epoch(config, [*smaller, 1.0, 1.0, 1.0, 1.0]) == [False] * 5 + [True] * 3
+    assert _stops_by_epoch(config, [("val_loss_32px", 1.0), ("val_loss_32px", float("nan"))])[1], "diverged early: stops at once"
+    with pytest.raises(RuntimeError, match="val_loss"):
+        _stops_by_epoch(config, [("train_loss", 1.0)])  # an epoch that logged no validation loss at all is an error
+
+
+def test_the_stages_checkpoint_is_written_after_every_epoch_and_keeps_the_best_full_size_one(tmp_path):
+    """Lightning 2.6 writes last.ckpt only with a new best: a killed run would resume from its best epoch."""
+    import lightning as L
+    import torch
+
+    from components.train import best_epoch_checkpoint
+
+    logged = [("val_loss_16px", 0.1), ("val_loss", 0.5), ("val_loss", 0.6), ("val_loss", 0.7)]  # worse after epoch 2
+
+    class Scripted(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).sum()
+
+        def validation_step(self, batch, _):
+            self.log(*logged[self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 1)), batch_size=2)
+    checkpoint = best_epoch_checkpoint(tmp_path)
+    quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    L.Trainer(max_epochs=4, callbacks=[checkpoint], **quiet).fit(Scripted(), data, data)
+    epoch_of = lambda path: torch.load(path, map_location="cpu", weights_only=False)["epoch"]  # noqa: E731
+    assert epoch_of(checkpoint.best_model_path) == 1, "the best of the full-size epochs, not the smaller-size one"
+    assert epoch_of(tmp_path / "last.ckpt") == 3, "where training stopped"
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][checkpoint.state_key]["best_model_path"]
 
 
 def test_early_stopping_resumes_the_state_lightnings_own_saved():
@@ -284,7 +325,8 @@ def test_only_a_resumable_interrupted_job_reads_back_what_it_left(tmp_path, caps
 def test_a_killed_training_run_resumes_where_it_stopped_as_the_same_mlflow_run(tmp_path):
     train = {"image_size": 32, "epochs": 6, "batch_size": 8, "channels": [8, 8, 8, 8], "patience": 10, "ema_decay": 0.9}
     root, output = _killed_then_rerun(tmp_path, train, kill_at="epoch 3/6")  # the moving average resumes too
-    assert "resuming the interrupted run from its checkpoint after epoch" in output
+    resumed_after = re.search(r"resuming the interrupted run from its checkpoint after epoch (\d)", output)
+    assert resumed_after and int(resumed_after[1]) >= 2, "from the last epoch finished (2, or 3 if its checkpoint beat the kill)"
     assert "epoch 1/6" not in output and "epoch 6/6" in output
     assert not any(chatter in output for chatter in ("GPU available", "Tip:", "exists and is not empty")), "Lightning's chatter"
     _the_one_finished_run(root)
