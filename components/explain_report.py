@@ -49,6 +49,7 @@ def heatmap_agreement(classifier: Classifier, tumours: pd.DataFrame, folder: Pat
 
 
 CURVE = re.compile(r"(train_loss|val_loss|val_auc|val_accuracy)(_\d+px)?")  # _<size>px: progressive resizing's early epochs
+COLOURS = {"train_loss": "C0", "val_loss": "C1", "val_auc": "C2", "val_accuracy": "C3"}  # a metric's early series dashed
 
 
 def training_curves(run_id: str, path: Path) -> Path | None:
@@ -69,8 +70,10 @@ def training_curves(run_id: str, path: Path) -> Path | None:
         return None
     figure, (losses, scores) = plt.subplots(1, 2, figsize=(9, 3.5))
     for name, history in histories.items():
-        axis = losses if "loss" in name else scores
-        axis.plot([m.step for m in history], [m.value for m in history], marker="o", markersize=3, label=name)
+        metric, smaller = CURVE.fullmatch(name).groups()
+        axis = losses if metric.endswith("loss") else scores
+        axis.plot([m.step for m in history], [m.value for m in history], marker="o", markersize=3, label=name,
+                  color=COLOURS[metric], linestyle="--" if smaller else "-")  # fmt: skip
     for axis, title in ((losses, "loss"), (scores, "validation")):
         axis.set(xlabel="training step (an epoch's end)", title=title)
         axis.legend()
