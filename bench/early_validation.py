@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(PROJECT), str(PROJECT / "bench")]
 
-from precision import training_step  # noqa: E402  (the path above first)
+from precision import median_seconds, preset_network, training_step  # noqa: E402  (the path above first)
 
 
 def validation_batch(net, images, size: int, bf16: bool) -> None:
@@ -36,19 +34,6 @@ def validation_batch(net, images, size: int, bf16: bool) -> None:
         net(at_size(images, size).contiguous(memory_format=torch.channels_last))
 
 
-def median_seconds(tasks: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each task, run in turn ``repeats`` times after one warm-up run of each."""
-    for task in tasks.values():
-        task()
-    seen: dict[str, list[float]] = {name: [] for name in tasks}
-    for _ in range(repeats):
-        for name, task in tasks.items():
-            start = time.perf_counter()
-            task()
-            seen[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in seen.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="masoud", help="a data set's settings (params/<name>.yaml)")
@@ -59,17 +44,13 @@ def main() -> None:
     import torch
 
     from components.config import params_with_preset
-    from components.model import ModelSpec, build_network
 
     config = params_with_preset(args.preset, PROJECT / "params.yaml").train
     if config.early_image_size is None:
         sys.exit(f"preset {args.preset} trains at one size (train.early_image_size is not set): nothing to compare")
     torch.set_num_threads(config.threads)
     torch.manual_seed(0)
-    classes = ["glioma", "meningioma", "notumor", "pituitary"]
-    spec = ModelSpec(network=config.network, image_size=config.image_size, channels=config.channels, blocks=config.blocks,
-                     classes=classes, in_channels=config.in_channels, norm=config.norm)  # fmt: skip
-    net = build_network(spec).to(memory_format=torch.channels_last)
+    net, classes = preset_network(config)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     bf16, early, full, batch = config.precision.startswith("bf16"), config.early_image_size, config.image_size, config.batch_size
     small = torch.rand(batch, config.in_channels, early, early).contiguous(memory_format=torch.channels_last)
@@ -81,7 +62,11 @@ def main() -> None:
         training_step(net, optimiser, small, labels, bf16)
 
     def validate(size: int):
-        return lambda: (net.eval(), validation_batch(net, prepared, size, bf16))
+        def batch() -> None:
+            net.eval()
+            validation_batch(net, prepared, size, bf16)
+
+        return batch
 
     tasks = {"train": train, "validate_full": validate(full), "validate_early": validate(early)}
     seconds = median_seconds(tasks, args.repeats)

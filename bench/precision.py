@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -32,17 +33,36 @@ def training_step(net, optimiser, images, labels, bf16: bool) -> None:
     optimiser.step()
 
 
+def median_seconds(tasks: dict, repeats: int) -> dict:
+    """Median seconds of each task, run in turn ``repeats`` times after one warm-up run of each: interleaved, so
+    that the machine's speed drifts alike for all."""
+    for task in tasks.values():
+        task()
+    seen: dict = {name: [] for name in tasks}
+    for _ in range(repeats):
+        for name, task in tasks.items():
+            start = time.perf_counter()
+            task()
+            seen[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in seen.items()}
+
+
 def seconds_per_step(net, optimiser, images, labels, repeats: int) -> dict[bool, float]:
     """Median seconds of a step in each precision (True: bf16), after one warm-up step of each."""
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for bf16 in times:
-        training_step(net, optimiser, images, labels, bf16)
-    for _ in range(repeats):
-        for bf16, seen in times.items():
-            start = time.perf_counter()
-            training_step(net, optimiser, images, labels, bf16)
-            seen.append(time.perf_counter() - start)
-    return {bf16: statistics.median(seen) for bf16, seen in times.items()}
+    steps = {bf16: partial(training_step, net, optimiser, images, labels, bf16) for bf16 in (True, False)}
+    return median_seconds(steps, repeats)
+
+
+def preset_network(config):
+    """The preset's network (``config``: its train section) in channels-last layout, and its classes."""
+    import torch
+
+    from components.model import ModelSpec, build_network
+
+    classes = ["glioma", "meningioma", "notumor", "pituitary"]
+    spec = ModelSpec(network=config.network, image_size=config.image_size, channels=config.channels, blocks=config.blocks,
+                     classes=classes, in_channels=config.in_channels, norm=config.norm)  # fmt: skip
+    return build_network(spec).to(memory_format=torch.channels_last), classes
 
 
 def main() -> None:
@@ -54,15 +74,12 @@ def main() -> None:
     import torch
 
     from components.config import params_with_preset
-    from components.model import ModelSpec, build_network
 
     config = params_with_preset(args.preset, PROJECT / "params.yaml").train
     torch.set_num_threads(config.threads)
     torch.manual_seed(0)
-    classes = ["glioma", "meningioma", "notumor", "pituitary"]
-    spec = ModelSpec(network=config.network, image_size=config.image_size, channels=config.channels, blocks=config.blocks,
-                     classes=classes, in_channels=config.in_channels, norm=config.norm)  # fmt: skip
-    net = build_network(spec).to(memory_format=torch.channels_last).train()
+    net, classes = preset_network(config)
+    net.train()
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     sizes = args.sizes or sorted({size for size in (config.early_image_size, config.image_size) if size})
     print(f"preset {args.preset}: {config.network} {config.channels}x{config.blocks}, batch {config.batch_size}, {config.threads} threads")

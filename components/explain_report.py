@@ -19,6 +19,7 @@ import pandas as pd
 
 from components.imaging import read_slice
 from components.model import Classifier
+from components.train import SMALLER_SIZE
 
 
 def heatmap_agreement(classifier: Classifier, tumours: pd.DataFrame, folder: Path, examples: int = 4) -> dict[str, float]:
@@ -48,7 +49,7 @@ def heatmap_agreement(classifier: Classifier, tumours: pd.DataFrame, folder: Pat
     return {name: float(np.nanmean(values)) if np.isfinite(values).any() else float("nan") for name, values in scores.items() if values}
 
 
-CURVE = re.compile(r"(train_loss|val_loss|val_auc|val_accuracy)(_\d+px)?")  # _<size>px: progressive resizing's early epochs
+CURVE = re.compile(rf"(train_loss|val_loss|val_auc|val_accuracy)({SMALLER_SIZE})?")  # progressive resizing's early epochs
 COLOURS = {"train_loss": "C0", "val_loss": "C1", "val_auc": "C2", "val_accuracy": "C3"}  # a metric's early series dashed
 
 

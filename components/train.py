@@ -261,9 +261,12 @@ def early_stopping(config: TrainConfig):
     return PatientEarlyStopping(monitor="val_loss", patience=config.patience)
 
 
+SMALLER_SIZE = r"_\d+px"  # the suffix of what an epoch validated below image_size logs (_val_key)
+
+
 def smaller_size_losses(metrics: dict, monitor: str = "val_loss") -> list:
     """The loss an epoch validated below ``image_size`` logged (``<monitor>_<size>px``, ``_val_key``); [] for others."""
-    return [value for name, value in metrics.items() if re.fullmatch(rf"{monitor}_\d+px", name)]
+    return [value for name, value in metrics.items() if re.fullmatch(monitor + SMALLER_SIZE, name)]
 
 
 def best_epoch_checkpoint(checkpoints: Path):
