@@ -47,7 +47,8 @@ PHI: dict[str, str] = {
     "AccessionNumber": "ACC-5544332",
     "StudyID": "STUDY-778899",
     "StudyDate": "20240115",
-    "StudyTime": "093512",
+    # with its fraction: six digits alone turn up by chance in the microseconds of Prefect's timestamps
+    "StudyTime": "093512.271828",
     "OperatorsName": "Tech^Tom",
     "StationName": "MRI-ROOM-7",
     "DeviceSerialNumber": "SN-4455667",

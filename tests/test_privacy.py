@@ -52,6 +52,12 @@ def _identifiers() -> list[str]:
     return values
 
 
+def test_the_planted_identifiers_cannot_turn_up_by_chance():
+    """A run writes thousands of timestamps with six-digit fractions; a short digit-only value would match one."""
+    short_numbers = [value for value in _identifiers() if value.isdigit() and len(value) < 8]
+    assert not short_numbers
+
+
 def test_no_identifier_reaches_any_output_of_a_run_on_identifier_bearing_dicoms(tmp_path: Path):
     source = _dicom_export(tmp_path / "hospital-export")
     params = QUICK_REPORTS | {
