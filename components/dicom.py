@@ -32,7 +32,7 @@ from pydicom.multival import MultiValue
 
 from components.deid import deidentify
 from components.errors import DataError
-from components.imaging import MAX_SLICE_SIDE
+from components.imaging import refuse_oversized
 from components.privacy import pseudonym
 
 SEQUENCES = ("t1", "t1c", "t2", "flair", "unknown")
@@ -204,8 +204,7 @@ def _pixels(name: str, header: Dataset) -> np.ndarray:
     if int(header.get("SamplesPerPixel") or 1) != 1:
         raise DataError(name, "colour image: expected one grey channel")
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
-    if max(rows, columns) > MAX_SLICE_SIDE:  # compressed pixel data can declare gigabytes: refused before decoding
-        raise DataError(name, f"{columns} x {rows} pixels: larger than any MRI slice (at most {MAX_SLICE_SIDE} a side); not decoded")
+    refuse_oversized(name, columns, rows)
     try:
         array = header.pixel_array
     except Exception as exc:  # truncated data, unsupported compression, bad group 0028 values

@@ -24,6 +24,12 @@ STAT_COLUMNS = ("width", "height", "mean", "std", "p01", "p50", "p99", "foregrou
 MAX_SLICE_SIDE = 4096
 
 
+def refuse_oversized(name: str, width: int, height: int) -> None:
+    """Checked from the header, before decoding: compressed pixel data can declare gigabytes."""
+    if max(width, height) > MAX_SLICE_SIDE:
+        raise DataError(name, f"{width} x {height} pixels: larger than any MRI slice (at most {MAX_SLICE_SIDE} a side); not decoded")
+
+
 def read_slice(source: str | Path | bytes, name: str | None = None, color: bool = False) -> np.ndarray:
     """A 2D grayscale slice scaled to [0, 1]; colour images are averaged over channels unless ``color``
     asks for (H, W, 3): multi-sequence slices (LGG's T1, FLAIR, T1c) carry one sequence per channel.
@@ -34,11 +40,7 @@ def read_slice(source: str | Path | bytes, name: str | None = None, color: bool 
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(handle) as image:
-            if max(image.size) > MAX_SLICE_SIDE:
-                raise DataError(
-                    label,
-                    f"{image.width} x {image.height} pixels: larger than any MRI slice (at most {MAX_SLICE_SIDE} a side); not decoded",
-                )
+            refuse_oversized(label, image.width, image.height)
             image.load()
             if image.mode not in ("L", "RGB", "I;16", "I;16B", "I", "F"):  # palette, alpha, CMYK: read as gray
                 image = image.convert("L")
