@@ -35,14 +35,14 @@ SERIES_UID = fixed_uid("series")
 FRAME_UID = fixed_uid("frame")
 
 PHI: dict[str, str] = {
-    "PatientName": "Doe^Jane^Q",
+    "PatientName": "Doe^Janeway^Q",
     "PatientID": "MRN-9988776",
     "PatientBirthDate": "19610203",
     "OtherPatientIDs": "OLD-1122334",
     "PatientAddress": "22 Private Lane, Hometown",
     "InstitutionName": "St Example Hospital",
     "InstitutionAddress": "1 Example Road, Exampletown",
-    "ReferringPhysicianName": "House^Gregory",
+    "ReferringPhysicianName": "Housewright^Gregory",
     "PerformingPhysicianName": "Cuddy^Lisa",
     "AccessionNumber": "ACC-5544332",
     "StudyID": "STUDY-778899",
