@@ -53,9 +53,9 @@ def _identifiers() -> list[str]:
 
 
 def test_the_planted_identifiers_cannot_turn_up_by_chance():
-    """A run writes about 30 MB: thousands of timestamps with six-digit fractions, compressed images, Data Docs. A
-    digit-only value under eight characters would match a timestamp, and a random capitalised four-letter word
-    turns up in about one run's output in 375 (8 of 3,000 tried in make run's 33 MB); only a leak may find one."""
+    """A run writes tens of megabytes: thousands of timestamps with six-digit fractions, compressed images, Data
+    Docs. A digit-only value under eight characters can match a timestamp, and a word of four or five letters can
+    occur in that much output by chance; only a leak may find a planted value."""
     assert not [value for value in _identifiers() if len(value) < 6 or (value.isdigit() and len(value) < 8)]
 
 
